@@ -1,0 +1,1 @@
+"""Null-routing benchmark CLI: see scripts/bench/bench_null_moe.py and docs/BENCH.md."""
