@@ -1,0 +1,256 @@
+"""NullRoutedMoE: a Mixtral sparse-MoE block whose router may send any of a token's k slots to null.
+
+The module holds the parameters (router, null logit, experts) and composes the pure stages:
+routing.py (who goes where) -> dispatch.py (sorted rows) -> gmm.py (expert matmuls) -> dispatch.py (combine).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import equinox as eqx
+import haliax as hax
+import haliax.nn as hnn
+import jax
+import jax.numpy as jnp
+from haliax import NamedArray
+from haliax.jax_utils import named_call
+from jax.sharding import PartitionSpec
+
+from . import routing as R
+from .config import NullMoEConfig
+from .dispatch import combine_rows, dispatch_rows, make_dispatch
+from .gmm import grouped_glu, grouped_matmul, resolve_backend
+
+_ACTIVATIONS: dict[str, Callable] = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+
+
+class ExpertMlp(eqx.Module):
+    """N gated experts, laid out as Levanter's ``MixtralMoEMlp`` so its weights drop in unchanged.
+
+    w1 (gate_proj) and w3 (up_proj): Experts x Embed -> Mlp; w2 (down_proj): Experts x Mlp -> Embed.
+    """
+
+    w1: hnn.MoELinear
+    w2: hnn.MoELinear
+    w3: hnn.MoELinear
+
+    @staticmethod
+    def init(config: NullMoEConfig, *, key) -> "ExpertMlp":
+        k1, k2, k3 = jax.random.split(key, 3)
+        E, D, F = config.Experts, config.Embed, config.Mlp
+        w1 = hnn.MoELinear.init(Experts=E, In=D, Out=F, key=k1, use_bias=False)
+        w2 = hnn.MoELinear.init(Experts=E, In=F, Out=D, key=k2, use_bias=False)
+        w3 = hnn.MoELinear.init(Experts=E, In=D, Out=F, key=k3, use_bias=False)
+        return ExpertMlp(w1, w2, w3)
+
+    def raw_weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(w1 [E, D, F], w2 [E, F, D], w3 [E, D, F]) as raw arrays for the kernels."""
+
+        def raw(lin: hnn.MoELinear):
+            return lin.weight.rearrange((lin.Experts, lin.In, lin.Out)).array
+
+        return raw(self.w1), raw(self.w2), raw(self.w3)
+
+
+def expert_rows(
+    x: jax.Array,
+    expert_ids: jax.Array,
+    weights: jax.Array,
+    w1: jax.Array,
+    w2: jax.Array,
+    w3: jax.Array,
+    *,
+    act: Callable,
+    backend: str,
+    tile_rows: Optional[int],
+) -> jax.Array:
+    """Routed expert output for flat tokens: x [T, D], expert_ids/weights [T, k] -> [T, D].
+
+    Only the R real slot rows reach the expert matmuls; null slots (id N) sort past them.
+    """
+    n_real, k = w1.shape[0], expert_ids.shape[-1]
+    with jax.named_scope("dispatch"):
+        d = make_dispatch(expert_ids, n_real)
+        xs = dispatch_rows(x, d, k)
+    with jax.named_scope("experts"):
+        h = grouped_glu(xs, w1, w3, d.group_sizes, act, backend=backend, tile_rows=tile_rows)
+        ys = grouped_matmul(h, w2, d.group_sizes, backend=backend, tile_rows=tile_rows)
+    with jax.named_scope("combine"):
+        return combine_rows(ys, weights, d)
+
+
+def _current_mesh():
+    try:
+        return hax.partitioning._resolve_mesh()
+    except Exception:  # pragma: no cover - no mesh machinery available
+        return None
+
+
+def _token_partition(token_axes) -> Optional[object]:
+    """Mesh axes the flattened token dim is sharded over, or None to run unsharded.
+
+    Only the leading token axis may be sharded (batch over data, as Levanter does): then flattening keeps each
+    device's tokens contiguous and every device can route and dispatch its own tokens.
+    """
+    if _current_mesh() is None:
+        return None
+    specs = [hax.partitioning.physical_axis_name(ax) for ax in token_axes]
+    if specs and specs[0] is not None and all(s is None for s in specs[1:]):
+        return specs[0]
+    return None
+
+
+class NullRoutedMoE(eqx.Module):
+    """Mixtral sparse MoE with null routing (DESIGN.md, Semantics).
+
+    Parameters: ``gate`` Embed -> Experts, ``null_gate`` Embed -> NullLogit (one logit shared by the M null
+    copies), ``experts`` (w1, w2, w3). Input x: any axes plus "embed"; every other axis is a token axis.
+    """
+
+    config: NullMoEConfig = eqx.field(static=True)
+    gate: hnn.Linear
+    null_gate: hnn.Linear
+    experts: ExpertMlp
+
+    @staticmethod
+    def init(config: NullMoEConfig, *, key) -> "NullRoutedMoE":
+        k_gate, k_null, k_experts = jax.random.split(key, 3)
+        gate = hnn.Linear.init(config.Embed, config.Experts, key=k_gate, use_bias=False)
+        null_gate = hnn.Linear.init(config.Embed, config.NullLogit, key=k_null, use_bias=False)
+        return NullRoutedMoE(config, gate, null_gate, ExpertMlp.init(config, key=k_experts))
+
+    @property
+    def backend(self) -> str:
+        """The grouped-matmul backend that runs on this platform for ``config.gmm_backend``."""
+        return resolve_backend(self.config.gmm_backend)
+
+    # --- routing -------------------------------------------------------------------------------------------
+    def _token_axes(self, x: NamedArray):
+        Embed = self.config.Embed
+        if not x.has_axis(Embed.name):
+            raise ValueError(f"input must have an '{Embed.name}' axis, got axes {x.axes}")
+        if x.resolve_axis(Embed.name).size != Embed.size:
+            raise ValueError(f"input '{Embed.name}' axis has size {x.resolve_axis(Embed.name).size}, config says {Embed.size}")
+        return tuple(ax for ax in x.axes if ax.name != Embed.name)
+
+    def _real_logits(self, x: NamedArray) -> jax.Array:
+        """[T, N] router logits in f32 (routing decisions in f32 whatever the compute dtype)."""
+        z = self.gate(x).rearrange(self._token_axes(x) + (self.config.Experts,))
+        return z.array.reshape(-1, self.config.n_routed_experts).astype(jnp.float32)
+
+    @named_call
+    def route(self, x: NamedArray) -> R.Routing:
+        """Learned routing: top-k over N real logits and M copies of the learned null logit."""
+        cfg = self.config
+        z = self._real_logits(x)
+        u = None
+        if cfg.num_null:
+            u = self.null_gate(x).rearrange(self._token_axes(x) + (cfg.NullLogit,)).array.reshape(-1)
+            u = u.astype(jnp.float32)
+        return R.learned_routing(
+            z,
+            u,
+            k=cfg.num_experts_per_tok,
+            num_null=cfg.num_null,
+            take_until_null=cfg.take_until_null,
+            renormalize_real=cfg.renormalize_real,
+        )
+
+    @named_call
+    def route_forced(
+        self,
+        x: NamedArray,
+        *,
+        key,
+        null_frac: float,
+        mode: str = "independent",
+        renormalize_real: Optional[bool] = None,
+    ) -> R.Routing:
+        """Benchmark routing: stock top-k over the real logits, then a random mask sends ``null_frac`` to null."""
+        cfg = self.config
+        return R.forced_routing(
+            self._real_logits(x),
+            key,
+            k=cfg.num_experts_per_tok,
+            null_frac=null_frac,
+            mode=mode,
+            renormalize_real=cfg.renormalize_real if renormalize_real is None else renormalize_real,
+        )
+
+    # --- experts ---------------------------------------------------------------------------------------------
+    @named_call
+    def apply(self, x: NamedArray, routing: R.Routing, *, skip_null: bool = True):
+        """Run dispatch, experts and combine for a given routing; returns (y, extras) like ``__call__``.
+
+        skip_null=False is the naive baseline: each null slot is computed by a real expert (its fallback id)
+        with weight 0, so the output is the same but no work is saved.
+        """
+        cfg = self.config
+        token_axes = self._token_axes(x)
+        expert_ids = routing.expert_ids
+        if not skip_null:
+            expert_ids = jnp.where(expert_ids >= cfg.n_routed_experts, routing.fallback_ids, expert_ids)
+        w1, w2, w3 = self.experts.raw_weights()
+        x_tok = x.rearrange(token_axes + (cfg.Embed.name,)).array
+        token_shape = x_tok.shape[:-1]
+        local = functools.partial(
+            _local_experts,
+            act=_ACTIVATIONS[cfg.activation],
+            backend=self.backend,
+            tile_rows=cfg.tile_rows,
+        )
+        ids = expert_ids.reshape(token_shape + (cfg.num_experts_per_tok,))
+        wts = routing.weights.reshape(token_shape + (cfg.num_experts_per_tok,))
+        spec = _token_partition(token_axes)
+        if spec is None:
+            y_tok = local(x_tok, ids, wts, w1, w2, w3)
+        else:
+            lead = (spec,) + (None,) * (len(token_shape) - 1)
+            tok_spec = PartitionSpec(*lead, None)
+            y_tok = jax.shard_map(
+                local,
+                mesh=_current_mesh(),
+                in_specs=(tok_spec, tok_spec, tok_spec, PartitionSpec(), PartitionSpec(), PartitionSpec()),
+                out_specs=tok_spec,
+                check_vma=False,
+            )(x_tok, ids, wts, w1, w2, w3)
+        y = hax.named(y_tok.astype(x.dtype), token_axes + (cfg.Embed,)).rearrange(x.axes)
+        return y, self._extras(routing)
+
+    def _extras(self, routing: R.Routing) -> dict[str, NamedArray]:
+        cfg = self.config
+        with jax.named_scope("aux_losses"):
+            lbl = R.load_balancing_loss(routing, cfg.n_routed_experts, cfg.lbl_coef) if cfg.lbl_coef is not None else jnp.zeros(())
+            rzl = R.router_z_loss(routing, cfg.rzl_coef) if cfg.rzl_coef is not None else jnp.zeros(())
+            stats = R.routing_stats(routing.expert_ids, cfg.n_routed_experts)
+        extras = {name: hax.named(value, ()) for name, value in stats.items() if value.ndim == 0}
+        extras["expert_loads"] = hax.named(stats["expert_loads"], (cfg.Experts,))
+        extras["real_per_token_hist"] = hax.named(stats["real_per_token_hist"], (cfg.RealCount,))
+        extras["load_balancing_loss"] = hax.named(lbl, ())
+        extras["router_z_loss"] = hax.named(rzl, ())
+        return extras
+
+    @named_call
+    def __call__(self, x: NamedArray, *, key=None):
+        """y, extras = layer(x): learned null routing. y has x's axes; extras per null_moe's API."""
+        del key  # no dropout in the MoE block
+        return self.apply(x, self.route(x))
+
+
+def _local_experts(x_tok, ids, wts, w1, w2, w3, *, act, backend, tile_rows):
+    """Per-device body: this device's tokens (any leading token dims) through dispatch, experts, combine."""
+    lead = x_tok.shape[:-1]
+    y = expert_rows(
+        x_tok.reshape(-1, x_tok.shape[-1]),
+        ids.reshape(-1, ids.shape[-1]),
+        wts.reshape(-1, wts.shape[-1]),
+        w1,
+        w2,
+        w3,
+        act=act,
+        backend=backend,
+        tile_rows=tile_rows,
+    )
+    return y.reshape(lead + (y.shape[-1],))
