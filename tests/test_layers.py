@@ -1,0 +1,214 @@
+"""NullRoutedMoE against the dense reference, stock Levanter at p = 0, and the degenerate cases."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import haliax as hax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from null_moe import NullMoEConfig, NullRoutedMoE
+from tests import reference as ref
+
+Batch, Pos = hax.Axis("batch", 2), hax.Axis("position", 6)
+
+
+def _layer_and_input(cfg, seed=0, null_bias=0.0):
+    layer = NullRoutedMoE.init(cfg, key=jax.random.PRNGKey(seed))
+    x = hax.random.normal(jax.random.PRNGKey(seed + 100), (Batch, Pos, cfg.Embed))
+    if null_bias:
+        # push the null logit up along x's mean direction so that some tokens go all-null
+        w = layer.null_gate.weight.array + null_bias * jnp.ones_like(layer.null_gate.weight.array)
+        layer = eqx.tree_at(lambda l: l.null_gate.weight, layer, hax.named(w, layer.null_gate.weight.axes))
+    return layer, x
+
+
+def _loss_and_parts(layer, x, cot):
+    y, extras = layer(x)
+    loss = hax.sum(y * cot).scalar() + extras["load_balancing_loss"].scalar() + extras["router_z_loss"].scalar()
+    return loss, (y, extras)
+
+
+@eqx.filter_jit
+def _layer_grads(layer, x, cot):
+    (loss, aux), grads = eqx.filter_value_and_grad(
+        lambda l, x: _loss_and_parts(l, x, cot), has_aux=True
+    )(layer, x)
+    gx = jax.grad(lambda x: _loss_and_parts(layer, x, cot)[0])(x)
+    return loss, aux, grads, gx
+
+
+def _reference_grads(layer, x, cot):
+    cfg = layer.config
+    x_flat = ref.flat_tokens(layer, x)
+    logits = ref.expanded_logits(cfg, x_flat, *ref.raw_params(layer)[:2])
+    pool_ids, null = ref.route_per_token(cfg, np.asarray(jax.nn.softmax(logits, axis=-1)))
+    cot_flat = ref.flat_tokens(layer, cot)
+
+    def loss(layer, x_flat):
+        y, lbl, rzl = ref.dense_forward(layer, x_flat, pool_ids, null)
+        return jnp.sum(y * cot_flat) + lbl + rzl, (y, lbl, rzl)
+
+    (value, (y, lbl, rzl)), (g_layer, g_x) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(layer, x_flat)
+    expert_of_slot = np.where(null, cfg.n_routed_experts, pool_ids)
+    return value, y, lbl, rzl, g_layer, g_x, ref.reference_stats(cfg, expert_of_slot)
+
+
+CASES = [
+    # (p, k, N, num_null, take_until_null, renormalize_real)
+    (0.0, 1, 4, None, False, True),
+    (0.1, 2, 8, None, False, True),  # M = 1 < k
+    (0.5, 4, 8, None, False, True),  # M = 8 >= k
+    (0.5, 4, 8, None, True, True),
+    (0.9, 8, 8, None, False, False),  # M = 72
+    (0.9, 8, 8, None, True, True),
+    (0.5, 2, 4, 1, True, False),  # M = 1 < k, explicit
+    (0.3, 4, 6, 3, False, True),
+]
+
+
+@pytest.mark.parametrize("p,k,n,m,tun,renorm", CASES)
+def test_layer_matches_dense_reference(p, k, n, m, tun, renorm):
+    cfg = NullMoEConfig(
+        hidden_dim=8,
+        intermediate_dim=16,
+        n_routed_experts=n,
+        num_experts_per_tok=k,
+        null_route_frac=p,
+        num_null_experts=m,
+        take_until_null=tun,
+        renormalize_real=renorm,
+        tile_rows=8,
+    )
+    layer, x = _layer_and_input(cfg, seed=int(p * 10) + k)
+    cot = hax.random.normal(jax.random.PRNGKey(7), x.axes)
+    loss, (y, extras), grads, gx = _layer_grads(layer, x, cot)
+    r_loss, r_y, r_lbl, r_rzl, r_grads, r_gx, r_stats = _reference_grads(layer, x, cot)
+
+    np.testing.assert_allclose(ref.flat_tokens(layer, y), r_y, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(extras["load_balancing_loss"].array, r_lbl, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(extras["router_z_loss"].array, r_rzl, rtol=1e-5, atol=1e-7)
+    for name, value in r_stats.items():
+        np.testing.assert_allclose(np.asarray(extras[name].array), value, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(loss, r_loss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ref.flat_tokens(layer, gx), r_gx, atol=1e-5, rtol=1e-4)
+    ours = ref.raw_params(grads)
+    theirs = ref.raw_params(r_grads)
+    for name, a, b in zip(["gate", "null_gate", "w1", "w2", "w3"], ours, theirs):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=name)
+        assert np.all(np.isfinite(a)), name
+    if p > 0:
+        assert 0 < float(extras["null_frac"].array) <= 1
+
+
+def test_p0_equals_stock_levanter_block():
+    from jax.sharding import Mesh
+    from levanter.models.mixtral import MixtralConfig, MixtralSparseMoeBlock
+
+    lc = MixtralConfig(
+        seq_len=Pos.size, hidden_dim=16, intermediate_dim=32, n_routed_experts=6, num_experts_per_tok=2,
+        num_heads=2, num_kv_heads=2,
+    )
+    block = MixtralSparseMoeBlock.init(lc, key=jax.random.PRNGKey(0))
+    cfg = NullMoEConfig(hidden_dim=16, intermediate_dim=32, n_routed_experts=6, num_experts_per_tok=2, tile_rows=8)
+    layer = NullRoutedMoE.init(cfg, key=jax.random.PRNGKey(1))
+    layer = eqx.tree_at(
+        lambda l: (l.gate, l.experts.w1, l.experts.w2, l.experts.w3),
+        layer,
+        (block.gate, block.experts.w1, block.experts.w2, block.experts.w3),
+    )
+    x = hax.random.normal(jax.random.PRNGKey(2), (Batch, lc.Pos, lc.Embed))
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    with hax.partitioning.set_mesh(mesh):
+        y_stock, e_stock = block(x)
+    y, e = layer(x)
+    assert float(jnp.max(jnp.abs((y - y_stock).array))) <= 1e-5
+    for name in ("load_balancing_loss", "router_z_loss"):
+        np.testing.assert_allclose(e[name].array, e_stock[name].array, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(e["expert_loads"].array, e_stock["expert_loads"].array, atol=1e-7)
+    assert float(e["null_frac"].array) == 0.0 and float(e["experts_per_token"].array) == 2.0
+
+
+def _all_null_layer(cfg):
+    layer, x = _layer_and_input(cfg, seed=3)
+    # positive inputs and a large positive null gate: the null logit is far above every real logit, so every
+    # slot of every token is null (k <= M)
+    x = hax.named(jnp.abs(x.array), x.axes)
+    w = hax.named(jnp.full_like(layer.null_gate.weight.array, 100.0), layer.null_gate.weight.axes)
+    return eqx.tree_at(lambda l: l.null_gate.weight, layer, w), x
+
+
+def test_all_null_batch_gives_zero_output_and_finite_grads():
+    cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                        null_route_frac=0.5, tile_rows=8)
+    layer, x = _all_null_layer(cfg)
+    cot = hax.random.normal(jax.random.PRNGKey(7), x.axes)
+    loss, (y, extras), grads, gx = _layer_grads(layer, x, cot)
+    assert float(extras["null_frac"].array) == 1.0
+    assert float(extras["all_null_frac"].array) == 1.0
+    assert np.all(np.asarray(y.array) == 0.0)
+    for leaf in jax.tree_util.tree_leaves(eqx.filter(grads, eqx.is_array)) + [gx.array]:
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    w1, w2, w3 = grads.experts.raw_weights()
+    assert np.all(np.asarray(w1) == 0) and np.all(np.asarray(w2) == 0) and np.all(np.asarray(w3) == 0)
+
+
+def test_one_all_null_token_among_real_ones():
+    cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                        null_route_frac=0.5, take_until_null=True, tile_rows=8)
+    layer, x = _layer_and_input(cfg, seed=5)
+    u_dir = layer.null_gate.weight.array[0]
+    arr = x.array.at[0, 0].set(40.0 * u_dir / jnp.linalg.norm(u_dir))  # token (0, 0): null logit dominates
+    x = hax.named(arr, x.axes)
+    cot = hax.random.normal(jax.random.PRNGKey(7), x.axes)
+    loss, (y, extras), grads, gx = _layer_grads(layer, x, cot)
+    routing = layer.route(x)
+    assert bool(jnp.all(routing.expert_ids[0] == cfg.n_routed_experts))
+    assert bool(jnp.any(routing.expert_ids[1:] < cfg.n_routed_experts))
+    assert np.all(np.asarray(y.array[0, 0]) == 0.0)
+    assert float(jnp.abs(y.array[1:]).max()) > 0
+    r_loss, r_y, *_ = _reference_grads(layer, x, cot)
+    np.testing.assert_allclose(ref.flat_tokens(layer, y), r_y, atol=1e-5)
+    assert np.all(np.isfinite(np.asarray(gx.array)))
+
+
+def test_null_experts_get_no_rows_and_masked_baseline_matches():
+    cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                        null_route_frac=0.5, tile_rows=8)
+    layer, x = _layer_and_input(cfg, seed=9)
+    routing = layer.route_forced(x, key=jax.random.PRNGKey(0), null_frac=0.5, mode="independent")
+    from null_moe.dispatch import make_dispatch
+
+    d = make_dispatch(routing.expert_ids, cfg.n_routed_experts)
+    n_null = int(jnp.sum(routing.expert_ids == cfg.n_routed_experts))
+    assert int(d.num_real) == routing.expert_ids.size - n_null
+    assert d.group_sizes.shape == (cfg.n_routed_experts,)
+    y_skip, _ = layer.apply(x, routing, skip_null=True)
+    y_masked, _ = layer.apply(x, routing, skip_null=False)
+    np.testing.assert_allclose(y_skip.array, y_masked.array, atol=1e-6)
+
+
+def test_forced_routing_through_layer_hits_target():
+    cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=8, num_experts_per_tok=4, tile_rows=64)
+    layer = NullRoutedMoE.init(cfg, key=jax.random.PRNGKey(0))
+    x = hax.random.normal(jax.random.PRNGKey(1), (hax.Axis("token", 4096), cfg.Embed))
+    for mode in ("independent", "take_until_null"):
+        routing = layer.route_forced(x, key=jax.random.PRNGKey(2), null_frac=0.5, mode=mode)
+        _, extras = layer.apply(x, routing)
+        assert abs(float(extras["null_frac"].array) - 0.5) <= 0.01, mode
+
+
+def test_input_shape_errors_name_the_axis():
+    cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2)
+    layer = NullRoutedMoE.init(cfg, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="embed"):
+        layer(hax.zeros((Batch, hax.Axis("embed", 9))))
+    with pytest.raises(ValueError, match="embed"):
+        layer(hax.zeros((Batch, hax.Axis("hidden", 8))))
+
+
+def test_backend_is_reported():
+    cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2)
+    assert NullRoutedMoE.init(cfg, key=jax.random.PRNGKey(0)).backend == "tiled"

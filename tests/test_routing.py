@@ -1,0 +1,129 @@
+"""Routing against per-token loops, forced-mask fractions, aux-loss formulas."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from null_moe import routing as R
+
+
+def _loop_route(logits, n, k, tun, renorm):
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+    ids = np.zeros((len(probs), k), np.int64)
+    wts = np.zeros((len(probs), k))
+    for t, p in enumerate(probs):
+        order = sorted(range(len(p)), key=lambda i: (-p[i], i))[:k]
+        null_seen = False
+        for j, i in enumerate(order):
+            null = i >= n or (tun and null_seen)
+            null_seen |= null
+            ids[t, j] = n if null else i
+            wts[t, j] = 0.0 if null else p[i]
+        if renorm and wts[t].sum() > 0:
+            wts[t] /= wts[t].sum()
+    return ids, wts
+
+
+@pytest.mark.parametrize("m,k,tun,renorm", [(0, 2, False, True), (3, 4, False, True), (3, 4, True, False), (10, 6, True, True)])
+def test_learned_routing_matches_loop(m, k, tun, renorm):
+    n, t = 6, 40
+    z = jax.random.normal(jax.random.PRNGKey(0), (t, n))
+    u = jax.random.normal(jax.random.PRNGKey(1), (t,))
+    r = R.learned_routing(z, u, k=k, num_null=m, take_until_null=tun, renormalize_real=renorm)
+    logits = np.asarray(R.expand_logits(z, u, m)) if m else np.asarray(z)
+    ids, wts = _loop_route(logits, n, k, tun, renorm)
+    np.testing.assert_array_equal(np.asarray(r.expert_ids), ids)
+    np.testing.assert_allclose(np.asarray(r.weights), wts, atol=1e-6)
+    assert r.probs.shape == (t, n + m)
+
+
+def test_take_until_null_nulls_every_later_slot():
+    is_null = jnp.array([[False, True, False, False], [False, False, False, True], [True, False, False, False]])
+    out = R._null_after_first_null(is_null)
+    np.testing.assert_array_equal(
+        np.asarray(out), [[False, True, True, True], [False, False, False, True], [True, True, True, True]]
+    )
+
+
+@pytest.mark.parametrize("mode", ["independent", "take_until_null"])
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
+def test_forced_mask_hits_target(mode, p):
+    k, t = 4, 4096  # T k = 16384
+    mask = R.forced_null_mask(jax.random.PRNGKey(int(p * 100)), t, k, p, mode)
+    realized = float(jnp.mean(mask))
+    assert abs(realized - p) <= 0.01, realized
+    if mode == "take_until_null":
+        later = np.asarray(R._null_after_first_null(mask))
+        np.testing.assert_array_equal(np.asarray(mask), later)
+
+
+def test_forced_mask_k8_small_t():
+    mask = R.forced_null_mask(jax.random.PRNGKey(3), 2048, 8, 0.7, "take_until_null")
+    assert abs(float(jnp.mean(mask)) - 0.7) <= 0.01
+
+
+def test_slot_null_prob_solves_expected_fraction():
+    for k in (1, 2, 4, 8):
+        for p in (0.1, 0.5, 0.9):
+            q = R.slot_null_prob(p, k, "take_until_null")
+            assert sum(1 - (1 - q) ** (j + 1) for j in range(k)) / k == pytest.approx(p, abs=1e-9)
+    assert R.slot_null_prob(0.4, 4, "independent") == 0.4
+    with pytest.raises(ValueError, match="null_routing_mode"):
+        R.slot_null_prob(0.4, 4, "sometimes")
+    with pytest.raises(ValueError, match="null_route_frac"):
+        R.slot_null_prob(1.0, 4, "independent")
+
+
+def test_forced_routing_keeps_stock_topk():
+    z = jax.random.normal(jax.random.PRNGKey(0), (64, 8))
+    r = R.forced_routing(z, jax.random.PRNGKey(1), k=2, null_frac=0.0, mode="independent", renormalize_real=True)
+    top_p, top_i = jax.lax.top_k(jax.nn.softmax(z), 2)
+    np.testing.assert_array_equal(r.expert_ids, top_i)
+    np.testing.assert_allclose(r.weights, top_p / top_p.sum(-1, keepdims=True), rtol=1e-6)
+    r = R.forced_routing(z, jax.random.PRNGKey(1), k=2, null_frac=0.5, mode="independent", renormalize_real=False)
+    real = r.expert_ids < 8
+    np.testing.assert_allclose(np.where(real, r.weights, 0), np.where(real, top_p, 0), rtol=1e-6)
+    assert np.all(np.asarray(r.weights)[~np.asarray(real)] == 0)
+
+
+def test_aux_losses_match_levanter_formula_at_m0():
+    n, k, t = 6, 2, 50
+    z = jax.random.normal(jax.random.PRNGKey(0), (t, n))
+    r = R.learned_routing(z, None, k=k, num_null=0, take_until_null=False, renormalize_real=True)
+    counts = np.bincount(np.asarray(r.expert_ids).ravel(), minlength=n)
+    loads = counts / counts.sum()
+    f = loads * n / k
+    p = np.asarray(jax.nn.softmax(z)).mean(0)
+    assert float(R.load_balancing_loss(r, n, 0.01)) == pytest.approx(0.01 * (f * p).sum(), rel=1e-5)
+    lse = np.asarray(jax.nn.logsumexp(z, axis=-1))
+    assert float(R.router_z_loss(r, 0.001)) == pytest.approx(0.001 * (lse**2).mean(), rel=1e-5)
+
+
+def test_lbl_splits_null_assignments_over_copies():
+    n, m, k, t = 4, 4, 2, 30
+    z = jax.random.normal(jax.random.PRNGKey(0), (t, n))
+    u = jax.random.normal(jax.random.PRNGKey(1), (t,)) + 1.0
+    r = R.learned_routing(z, u, k=k, num_null=m, take_until_null=False, renormalize_real=True)
+    ids = np.asarray(r.expert_ids)
+    real_counts = np.array([(ids == i).sum() for i in range(n)], float)
+    null_each = (t * k - real_counts.sum()) / m
+    loads = np.concatenate([real_counts, np.full(m, null_each)]) / (t * k)
+    want = 0.01 * (loads * (n + m) / k * np.asarray(r.probs).mean(0)).sum()
+    assert float(R.load_balancing_loss(r, n, 0.01)) == pytest.approx(want, rel=1e-5)
+    # gradient flows to the null logit through P, not through the (integer) loads
+    g = jax.grad(lambda u: R.load_balancing_loss(R.learned_routing(z, u, k=k, num_null=m, take_until_null=False, renormalize_real=True), n, 0.01))(u)
+    assert np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g).sum()) > 0
+
+
+def test_routing_stats():
+    ids = jnp.array([[0, 4], [4, 4], [1, 2]])  # n = 4, null id 4
+    s = R.routing_stats(ids, 4)
+    assert float(s["null_frac"]) == pytest.approx(0.5)
+    assert float(s["experts_per_token"]) == pytest.approx(1.0)
+    assert float(s["all_null_frac"]) == pytest.approx(1 / 3)
+    np.testing.assert_allclose(s["real_per_token_hist"], [1 / 3, 1 / 3, 1 / 3])
+    np.testing.assert_allclose(s["expert_loads"], [1 / 3, 1 / 3, 1 / 3, 0])
+    assert float(s["load_violation_max"]) == pytest.approx(4 / 3 - 1)
