@@ -9,8 +9,9 @@ FULL=1, FIRST=2, MIDDLE=3, LAST=4) and chunks reassemble into serialized ``wandb
     rec = read_wandb_records("out/wandb/offline-run-.../")   # or the .wandb file, or a dir holding one run
     rec["config"]["tokens"], rec["summary"]["tokens_per_s"], rec["history"][0]["loss"]
 
-Values are JSON-decoded (W&B stores them as JSON strings); nested keys are joined with "/" for summary and
-history items sent with ``nested_key``. Config values are unwrapped from W&B's ``{"value": ...}`` form and the
+Values are JSON-decoded (W&B stores them as JSON strings). A key logged as one string stays one key even if it
+contains "/" (``history[0]["train/loss"]``); a logged dict (a histogram, a table reference, ``{"a": {"b": 1}}``)
+comes back as nested dicts (``summary["expert_load"]["values"]``). Config values are unwrapped from W&B's ``{"value": ...}`` form and the
 internal ``_wandb`` entry is dropped. The summary is the last full summary record merged with later updates.
 """
 
@@ -110,6 +111,30 @@ def _item_key(item) -> str:
     return "/".join(item.nested_key)
 
 
+def _item_path(item) -> list[str]:
+    return [item.key] if item.key else list(item.nested_key)
+
+
+def _set(d: dict, item, value) -> None:
+    """Store at the item's key; a multi-part nested_key (a logged dict, e.g. a histogram) becomes nested dicts."""
+    path = _item_path(item)
+    for part in path[:-1]:
+        nxt = d.get(part)
+        if not isinstance(nxt, dict):
+            nxt = d[part] = {}
+        d = nxt
+    d[path[-1]] = value
+
+
+def _remove(d: dict, item) -> None:
+    path = _item_path(item)
+    for part in path[:-1]:
+        d = d.get(part)
+        if not isinstance(d, dict):
+            return
+    d.pop(path[-1], None)
+
+
 def iter_records(wandb_file: str):
     """Yield parsed ``wandb_internal_pb2.Record`` messages of a .wandb file."""
     Record = _record_class()
@@ -145,20 +170,22 @@ def read_wandb_records(run_dir_or_file: str) -> dict:
                 "tags": list(r.tags),
             }
             for item in r.config.update:
-                config[_item_key(item)] = _decode(item.value_json)
+                _set(config, item, _decode(item.value_json))
         elif kind == "config":
             for item in rec.config.update:
-                config[_item_key(item)] = _decode(item.value_json)
+                _set(config, item, _decode(item.value_json))
             for item in rec.config.remove:
-                config.pop(_item_key(item), None)
+                _remove(config, item)
         elif kind == "history":
-            row = {_item_key(item): _decode(item.value_json) for item in rec.history.item}
+            row: dict = {}
+            for item in rec.history.item:
+                _set(row, item, _decode(item.value_json))
             history.append(row)
         elif kind == "summary":
             for item in rec.summary.update:
-                summary[_item_key(item)] = _decode(item.value_json)
+                _set(summary, item, _decode(item.value_json))
             for item in rec.summary.remove:
-                summary.pop(_item_key(item), None)
+                _remove(summary, item)
         elif kind == "exit":
             exit_code = rec.exit.exit_code
     config.pop("_wandb", None)
