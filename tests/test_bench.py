@@ -258,3 +258,18 @@ def test_cli_tiny_sweep_end_to_end(tmp_path):
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert "RESULT " not in proc2.stdout and proc2.stdout.count("SKIP ") == len(lines)
     assert len(glob.glob(str(out / "*.png"))) == 2
+
+
+def test_forced_routing_from_mask_matches_route_forced():
+    """The bench feeds the forced mask as data; it must be exactly layer.route_forced for the same key."""
+    import jax
+    import numpy as np
+
+    pt = expand(BenchConfig(tokens=512, hidden=16, mlp_dim=32, experts=8, topk=4, null_route_frac=0.4,
+                            null_routing_mode="take_until_null"))[0]
+    _, layer, x = timing.build_layer(pt, for_forced=True)
+    key = jax.random.PRNGKey(pt.seed + 1)
+    ref = layer.route_forced(x, key=key, null_frac=0.4, mode="take_until_null", renormalize_real=True)
+    got = timing.forced_routing_from_mask(layer, x, timing.draw_null_mask(pt))
+    for a, b in zip(ref, got):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -7,6 +7,12 @@ Impls:
 - ``stock_levanter``: ``levanter.models.mixtral.MixtralSparseMoeBlock`` with our layer's gate / w1 / w2 / w3
   weights copied in (null 0.0 only).
 
+Forced routing (the default): the null mask is drawn once per point, outside the timed step, with
+``null_moe.routing.forced_null_mask`` (what ``layer.route_forced`` uses) and fed to the step as data, so one
+executable serves every null fraction and mode of a shape (compiling per point would cost ~2-3 s each on CPU).
+The timed step is the whole layer: router logits, softmax and top-k, the mask, gate weights, dispatch, the
+grouped expert matmuls, combine (and, with ``forward_backward``, the backward pass to the weights and x).
+
 Timing: AOT-compile (``jit(...).lower(...).compile()``), ``warmup`` calls, then ``iters`` calls each followed
 by ``jax.block_until_ready``; ``time_s`` is the median, and tokens/s and TFLOP/s are computed from that same
 interval. FLOPs count real assignments only: 6 D F per real assignment forward, x3 with backward.
@@ -130,13 +136,19 @@ def _vector(v) -> list[float]:
     return [float(a) for a in np.asarray(arr, dtype=np.float64).reshape(-1)]
 
 
-def time_fn(fn: Callable, args: tuple, warmup: int, iters: int) -> Measurement:
-    """Compile ahead of time, warm up, then time `iters` blocking calls; report the median."""
+def compile_fn(fn: Callable, args: tuple):
+    """AOT-compile fn for args; returns (executable, seconds)."""
     import jax
 
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
+    return compiled, time.perf_counter() - t0
+
+
+def measure(compiled: Callable, args: tuple, warmup: int, iters: int, compile_s: float = 0.0) -> Measurement:
+    """Warm up, then time `iters` calls, each blocking until ready; report the median."""
+    import jax
+
     for _ in range(warmup):
         jax.block_until_ready(compiled(*args))
     times = []
@@ -152,6 +164,12 @@ def time_fn(fn: Callable, args: tuple, warmup: int, iters: int) -> Measurement:
         compile_s=compile_s,
         times=times,
     )
+
+
+def time_fn(fn: Callable, args: tuple, warmup: int, iters: int) -> Measurement:
+    """Compile ahead of time, warm up, then time `iters` blocking calls; report the median."""
+    compiled, compile_s = compile_fn(fn, args)
+    return measure(compiled, args, warmup, iters, compile_s)
 
 
 def _loss(y, extras: Optional[dict]) -> Any:
@@ -195,7 +213,9 @@ def _make_fns(forward: Callable, model, x, key, with_aux: bool):
 # --- the impls -----------------------------------------------------------------------------------------------
 
 
-def _null_cfg(pt: Point):
+def _null_cfg(pt: Point, for_forced: bool = False):
+    """The layer config of a point. Forced routing ignores the layer's own null settings (the mask is drawn at
+    the target fraction), so forced points build the layer at null 0 and share it across fractions and modes."""
     from null_moe import NullMoEConfig
 
     return NullMoEConfig(
@@ -203,20 +223,20 @@ def _null_cfg(pt: Point):
         intermediate_dim=pt.mlp_dim,
         n_routed_experts=pt.experts,
         num_experts_per_tok=pt.topk,
-        null_route_frac=pt.null_target,
-        take_until_null=pt.null_mode == "take_until_null",
+        null_route_frac=0.0 if for_forced else pt.null_target,
+        take_until_null=False if for_forced else pt.null_mode == "take_until_null",
         renormalize_real=pt.renormalize,
         gmm_backend=pt.backend,
     )
 
 
-def build_layer(pt: Point):
-    """Our layer with the point's config, cast to its dtype, plus its input x."""
+def build_layer(pt: Point, for_forced: bool = False):
+    """Our layer with the point's config, cast to its dtype, plus its input x (same weights for every impl)."""
     import haliax as hax
     import jax
     from null_moe import NullRoutedMoE
 
-    cfg = _null_cfg(pt)
+    cfg = _null_cfg(pt, for_forced)
     k_init, k_x = jax.random.split(jax.random.PRNGKey(pt.seed))
     layer = NullRoutedMoE.init(cfg, key=k_init)
     layer = _cast_floats(layer, _dtype(pt.dtype))
@@ -225,17 +245,45 @@ def build_layer(pt: Point):
     return cfg, layer, x
 
 
-def _null_forward(pt: Point) -> Callable:
-    skip = pt.impl == "null_moe"
+def forced_routing_from_mask(layer, x, null_mask):
+    """``layer.route_forced`` with its random null mask given as data: stock top-k over the real logits, then
+    ``null_mask`` [T, k] sends slots to null. Bit-identical to ``layer.route_forced`` for the mask that
+    ``null_moe.routing.forced_null_mask`` draws for the same key (tests/test_bench.py checks it); taking the mask
+    as an input lets one executable serve every null fraction and mode of a shape."""
+    import jax
+    import jax.numpy as jnp
+    from null_moe import routing as R
 
+    cfg = layer.config
+    logits = layer._real_logits(x)
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_probs, top_ids = jax.lax.top_k(probs, cfg.num_experts_per_tok)
+    top_ids = top_ids.astype(jnp.int32)
+    expert_ids = jnp.where(null_mask, cfg.n_routed_experts, top_ids)
+    weights = R.gate_weights(top_probs, null_mask, cfg.renormalize_real)
+    return R.Routing(expert_ids, weights, top_ids, probs, logits)
+
+
+def draw_null_mask(pt: Point):
+    """The forced null mask of a point, drawn with the same function ``route_forced`` uses (untimed)."""
+    import jax
+    from null_moe import routing as R
+
+    key = jax.random.PRNGKey(pt.seed + 1)
+    return jax.block_until_ready(R.forced_null_mask(key, pt.tokens, pt.topk, pt.null_target, pt.null_mode))
+
+
+def _forced_forward(skip_null: bool) -> Callable:
+    def forward(layer, x, null_mask):
+        return layer.apply(x, forced_routing_from_mask(layer, x, null_mask), skip_null=skip_null)
+
+    return forward
+
+
+def _learned_forward(skip_null: bool) -> Callable:
     def forward(layer, x, key):
-        if pt.routing == "forced":
-            routing = layer.route_forced(
-                x, key=key, null_frac=pt.null_target, mode=pt.null_mode, renormalize_real=pt.renormalize
-            )
-            return layer.apply(x, routing, skip_null=skip)
-        if skip:
-            return layer(x, key=None)
+        if skip_null:
+            return layer(x, key=None)  # exactly what training calls
         return layer.apply(x, layer.route(x), skip_null=False)
 
     return forward
@@ -258,26 +306,22 @@ def build_stock(pt: Point):
     import jax
     from levanter.models.mixtral import MixtralConfig, MixtralSparseMoeBlock
 
-    _, ours, x_tok = build_layer(dataclasses.replace(pt, impl="null_moe", null_target=0.0))
-    heads = 1
+    _, ours, x_tok = build_layer(dataclasses.replace(pt, impl="null_moe", null_target=0.0), for_forced=True)
     mcfg = MixtralConfig(
         seq_len=pt.tokens,
         hidden_dim=pt.hidden,
         intermediate_dim=pt.mlp_dim,
         n_routed_experts=pt.experts,
         num_experts_per_tok=pt.topk,
-        num_heads=heads,
-        num_kv_heads=heads,
+        num_heads=1,
+        num_kv_heads=1,
     )
     with _stock_mesh():
         block = MixtralSparseMoeBlock.init(mcfg, key=jax.random.PRNGKey(pt.seed))
     block = _cast_floats(block, _dtype(pt.dtype))
 
     def _copy_linear(dst, src):
-        dst = eqx.tree_at(lambda m: m.weight, dst, src.weight.rearrange(dst.weight.axes))
-        if getattr(dst, "bias", None) is not None and getattr(src, "bias", None) is not None:
-            dst = eqx.tree_at(lambda m: m.bias, dst, src.bias.rearrange(dst.bias.axes))
-        return dst
+        return eqx.tree_at(lambda m: m.weight, dst, src.weight.rearrange(dst.weight.axes))
 
     block = eqx.tree_at(lambda b: b.gate, block, _copy_linear(block.gate, ours.gate))
     for name in ("w1", "w2", "w3"):
@@ -290,61 +334,133 @@ def build_stock(pt: Point):
 
 
 def _stock_forward(layer, x, key):
-    y, extras = layer(x, key=None)
-    return y, extras
+    return layer(x, key=None)
 
 
-def run_point(pt: Point) -> PointResult:
-    """Build, compile, warm up, time one point; then compute its routing stats (outside the timed region)."""
+def _stats_from_ids(expert_ids, n_real: int, k: int) -> dict[str, Any]:
+    """Exact integer routing statistics from the [T, k] expert ids (N = null), on the host."""
+    ids = np.asarray(expert_ids).reshape(-1, k)
+    is_real = ids < n_real
+    counts = np.bincount(ids[is_real].reshape(-1), minlength=n_real)[:n_real].astype(np.float64)
+    real = int(is_real.sum())
+    per_tok = is_real.sum(axis=1)
+    hist = np.bincount(per_tok, minlength=k + 1)[: k + 1].astype(np.float64) / ids.shape[0]
+    loads = counts / max(real, 1)
+    return {
+        "real": real,
+        "null": int(ids.size - real),
+        "loads": [float(v) for v in loads],
+        "hist": [float(v) for v in hist],
+        "all_null": float(hist[0]),
+    }
+
+
+class _Prepared:
+    """Compiled executables and inputs for one (shape, topk, impl, pass, dtype, backend, ...) of forced routing,
+    shared by every null fraction and mode of it."""
+
+    def __init__(self, pt: Point):
+        import equinox as eqx
+        import jax
+
+        cfg, layer, x = build_layer(pt, for_forced=True)
+        self.backend = str(layer.backend)
+        mask0 = draw_null_mask(dataclasses.replace(pt, null_target=0.0, null_mode="independent"))
+        forward = _forced_forward(skip_null=pt.impl == "null_moe")
+        fwd_only, fwd_bwd, args = _make_fns(forward, layer, x, mask0, with_aux=False)
+        self.params, self.x = args[0], args[1]
+        main_fn = fwd_bwd if pt.bench_pass == "forward_backward" else fwd_only
+        self.main, self.main_compile_s = compile_fn(main_fn, args)
+        self.fwd = self.fwd_compile_s = None
+        if pt.split:
+            self.fwd, self.fwd_compile_s = compile_fn(fwd_only, args)
+        static = eqx.partition(layer, eqx.is_array)[1]
+
+        def route_ids(params, x, mask):
+            return forced_routing_from_mask(eqx.combine(params, static), x, mask).expert_ids
+
+        self.route_ids = jax.jit(route_ids)
+
+
+_CACHE: dict[tuple, _Prepared] = {}
+
+
+def _cache_key(pt: Point) -> tuple:
+    return (pt.tokens, pt.hidden, pt.mlp_dim, pt.experts, pt.topk, pt.impl, pt.bench_pass, pt.renormalize,
+            pt.backend, pt.dtype, pt.seed, pt.split)
+
+
+def _prepared(pt: Point) -> _Prepared:
+    key = _cache_key(pt)
+    if key not in _CACHE:
+        _CACHE.clear()  # points run grouped by this key: keep one set of executables and weights alive
+        _CACHE[key] = _Prepared(pt)
+    return _CACHE[key]
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def _run_forced(pt: Point) -> PointResult:
+    prep = _prepared(pt)
+    mask = draw_null_mask(pt)
+    args = (prep.params, prep.x, mask)
+    main = measure(prep.main, args, pt.warmup, pt.iters, prep.main_compile_s)
+    fwd = measure(prep.fwd, args, pt.warmup, pt.iters, prep.fwd_compile_s) if prep.fwd is not None else None
+    st = _stats_from_ids(prep.route_ids(*args), pt.experts, pt.topk)
+    return _result(pt, prep.backend, st, main, fwd)
+
+
+def _run_generic(pt: Point) -> PointResult:
+    """Learned routing and stock Levanter: one build and compile per point."""
+    import equinox as eqx
     import jax
 
-    key = jax.random.PRNGKey(pt.seed + 1)
     ctx = contextlib.nullcontext()
+    key = jax.random.PRNGKey(pt.seed + 1)
     if pt.impl == "stock_levanter":
-        mcfg, model, x = build_stock(pt)
-        forward = _stock_forward
-        with_aux = True
-        ctx = _stock_mesh()
-        w1 = model.experts.w1
-        backend = "megablox" if getattr(w1, "use_gmm", False) else "ragged_dot"
-        backend = f"levanter:{backend}"
+        _, model, x = build_stock(pt)
+        forward, with_aux, ctx = _stock_forward, True, _stock_mesh()
+        backend = "levanter:" + ("megablox" if getattr(model.experts.w1, "use_gmm", False) else "ragged_dot")
     else:
-        cfg, model, x = build_layer(pt)
-        forward = _null_forward(pt)
-        with_aux = pt.routing == "learned"
+        _, model, x = build_layer(pt)
+        forward, with_aux = _learned_forward(skip_null=pt.impl == "null_moe"), True
         backend = str(model.backend)
-
     with ctx:
         fwd_only, fwd_bwd, args = _make_fns(forward, model, x, key, with_aux)
         main_fn = fwd_bwd if pt.bench_pass == "forward_backward" else fwd_only
         main = time_fn(main_fn, args, pt.warmup, pt.iters)
         fwd = time_fn(fwd_only, args, pt.warmup, pt.iters) if pt.split else None
+        if pt.impl == "stock_levanter":
+            loads = _vector(jax.jit(lambda p, x, k: forward(eqx.combine(p, eqx.partition(model, eqx.is_array)[1]), x, k)[1]["expert_loads"])(*args))
+            tk = pt.tokens * pt.topk
+            st = {"real": tk, "null": 0, "loads": loads, "hist": None, "all_null": 0.0}
+        else:
+            static = eqx.partition(model, eqx.is_array)[1]
+            ids = jax.jit(lambda p, x: eqx.combine(p, static).route(x).expert_ids)(args[0], args[1])
+            st = _stats_from_ids(ids, pt.experts, pt.topk)
+    return _result(pt, backend, st, main, fwd)
 
-        # routing stats from one untimed forward
-        import equinox as eqx
 
-        params, static = eqx.partition(model, eqx.is_array)
-        _, extras = jax.jit(lambda p, x, k: forward(eqx.combine(p, static), x, k))(*args)
-        extras = jax.device_get(extras)
-
+def _result(pt: Point, backend: str, st: dict, main: Measurement, fwd: Optional[Measurement]) -> PointResult:
     tk = pt.tokens * pt.topk
-    loads = _vector(extras["expert_loads"])
-    if pt.impl == "stock_levanter":
-        null_frac, hist, all_null = 0.0, None, 0.0
-    else:
-        null_frac = _scalar(extras["null_frac"])
-        hist = _vector(extras["real_per_token_hist"]) if "real_per_token_hist" in extras else None
-        all_null = _scalar(extras["all_null_frac"]) if "all_null_frac" in extras else 0.0
-    null_assign = int(round(null_frac * tk))
     return PointResult(
         point=pt,
         backend=backend,
-        null_realized=null_assign / tk,
-        real_assignments=tk - null_assign,
-        null_assignments=null_assign,
-        expert_loads=loads,
-        real_per_token_hist=hist,
-        all_null_frac=all_null,
+        null_realized=st["null"] / tk,
+        real_assignments=st["real"],
+        null_assignments=st["null"],
+        expert_loads=st["loads"],
+        real_per_token_hist=st["hist"],
+        all_null_frac=st["all_null"],
         main=main,
         forward=fwd,
     )
+
+
+def run_point(pt: Point) -> PointResult:
+    """Build (or reuse), compile, warm up and time one point; routing stats are computed outside the timing."""
+    if pt.routing == "forced" and pt.impl != "stock_levanter":
+        return _run_forced(pt)
+    return _run_generic(pt)
