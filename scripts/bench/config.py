@@ -85,6 +85,7 @@ class BenchConfig:
     split_forward_backward: bool = False  # forward_backward: also time forward alone (fwd / bwd split)
     impl: list[str] = dataclasses.field(default_factory=lambda: ["null_moe"])
     backend: str = "auto"  # NullMoEConfig.gmm_backend
+    tile_rows: Optional[int] = None  # NullMoEConfig.tile_rows (row tile of the CPU "tiled" backend); None: default
     dtype: str = "float32"
     warmup: int = 2
     iters: int = 5
@@ -114,6 +115,7 @@ class Point:
     bench_pass: str
     renormalize: bool
     backend: str
+    tile_rows: Optional[int]
     dtype: str
     warmup: int
     iters: int
@@ -197,6 +199,8 @@ def validate(cfg: BenchConfig) -> None:
         raise BenchConfigError(f"seed must be an integer, got {cfg.seed!r}")
     if cfg.max_memory_gb is not None and not cfg.max_memory_gb > 0:
         raise BenchConfigError(f"max_memory_gb must be > 0 or null, got {cfg.max_memory_gb!r}")
+    if cfg.tile_rows is not None and (not _is_int(cfg.tile_rows) or cfg.tile_rows < 8 or cfg.tile_rows % 8):
+        raise BenchConfigError(f"tile_rows must be a positive multiple of 8 or null, got {cfg.tile_rows!r}")
     if not cfg.out_dir:
         raise BenchConfigError("out_dir must be a non-empty path")
     # top-level lists (checked even when every shape overrides them: a typo should not pass silently)
@@ -264,7 +268,8 @@ def expand(cfg: BenchConfig) -> list[Point]:
                             tokens=shape.tokens, hidden=shape.hidden, mlp_dim=shape.mlp_dim,
                             experts=shape.experts, topk=int(k), impl=impl, null_target=p, null_mode=m,
                             routing=cfg.routing, bench_pass=cfg.bench_pass,
-                            renormalize=cfg.renormalize_real_after_null, backend=cfg.backend, dtype=cfg.dtype,
+                            renormalize=cfg.renormalize_real_after_null, backend=cfg.backend,
+                            tile_rows=cfg.tile_rows, dtype=cfg.dtype,
                             warmup=shape.warmup if shape.warmup is not None else cfg.warmup,
                             iters=shape.iters if shape.iters is not None else cfg.iters,
                             seed=cfg.seed,
