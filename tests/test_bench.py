@@ -80,6 +80,9 @@ def test_cli_bad_input_exit_code():
     assert proc.returncode == 2
     assert "impl[1] must be one of" in proc.stderr
     assert "RESULT" not in proc.stdout
+    helped = subprocess.run([sys.executable, "-m", "scripts.bench.bench_null_moe", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "--null_route_frac_list" in helped.stdout, helped.stderr[-2000:]
 
 
 def test_expand_baseline_shared_and_stock_only_at_zero(tmp_path):
@@ -273,3 +276,15 @@ def test_forced_routing_from_mask_matches_route_forced():
     got = timing.forced_routing_from_mask(layer, x, timing.draw_null_mask(pt))
     for a, b in zip(ref, got):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_learned_routing_point(tmp_path):
+    """routing=learned runs the layer's own router (null fraction as it comes) and reports consistent stats."""
+    cfg = _cfg(tmp_path, tokens=512, hidden=16, mlp_dim=32, experts=8, topk=2, bench_pass="forward",
+               null_route_frac=0.5, routing="learned", warmup=1)
+    (pt,) = expand(cfg)
+    res = timing.run_point(pt)
+    assert res.real_assignments + res.null_assignments == 512 * 2
+    assert 0.0 < res.null_realized < 1.0
+    assert res.main.time_s > 0 and res.backend == "tiled"
+    assert sum(res.real_per_token_hist) == pytest.approx(1.0)

@@ -94,7 +94,7 @@ class BenchConfig:
     out_dir: str = "out/bench"
     csv_name: str = "results.csv"
     plots: bool = True
-    max_memory_gb: Optional[float] = None  # None: 80% of available memory (device memory on GPU/TPU)
+    max_memory_gb: Optional[float] = None  # None: 80 percent of available memory (device memory on GPU/TPU)
     dry_run: bool = False  # validate and list the points, run nothing
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
