@@ -1,0 +1,113 @@
+"""Every config in configs/speedrun parses through Levanter's TrainLmConfig, and the hardware ones build
+abstractly (eqx.filter_eval_shape: shapes only, no memory) with the expected parameter counts and FLOPs per token.
+A broken config fails here, not on a pod."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import draccus
+import equinox as eqx
+import haliax as hax
+import jax
+import pytest
+
+from levanter.main.train_lm import TrainLmConfig
+from levanter.models.mixtral import MixtralConfig as StockMixtralConfig
+
+from experiments.speedrun.custom_mixtral import MixtralConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "configs", "speedrun")
+VOCAB = 2048  # the local tokenizer's vocabulary (data_cache/stdlib_docs/tokenizer)
+
+# seed shape -> (hidden, mlp, experts); every one has a null run and its p = 0 twin, on TPU and on GPU
+SEEDS = {
+    "h2048_m1408_e60": (2048, 1408, 60),
+    "h2048_m2048_e64": (2048, 2048, 64),
+    "h3072_m3072_e128": (3072, 3072, 128),
+}
+HARDWARE = [f"{seed}_{hw}_{variant}" for seed in SEEDS for hw in ("tpu", "gpu") for variant in ("null", "p0")]
+
+
+def _load(name: str) -> TrainLmConfig:
+    return draccus.parse(config_class=TrainLmConfig, config_path=os.path.join(CONFIG_DIR, f"{name}.yaml"), args=[])
+
+
+def test_every_config_is_covered():
+    names = {os.path.basename(p)[: -len(".yaml")] for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))}
+    assert names == set(HARDWARE) | {"tiny_cpu"}
+
+
+@pytest.mark.parametrize("name", HARDWARE)
+def test_hardware_config_settings(name):
+    cfg = _load(name)
+    seed, hw, variant = name.rsplit("_", 2)
+    m = cfg.model
+    assert isinstance(m, MixtralConfig)
+    assert (m.hidden_dim, m.intermediate_dim, m.n_routed_experts) == SEEDS[seed]
+    assert m.lbl_coef and m.rzl_coef
+    assert jax.numpy.dtype(cfg.trainer.mp.compute_dtype) == jax.numpy.bfloat16
+    assert cfg.trainer.require_accelerator is not False
+    if hw == "tpu":
+        assert m.gmm_backend == "megablox"
+    else:
+        assert m.gmm_backend in ("auto", "tokamax", "ragged_dot")
+    if variant == "null":
+        assert 0 < m.null_route_frac < 1
+    else:
+        assert m.null_route_frac == 0 and m.num_null == 0
+    # the twin differs only in null_route_frac
+    twin = _load(f"{seed}_{hw}_{'p0' if variant == 'null' else 'null'}")
+    assert (twin.model.__class__, twin.trainer.train_batch_size) == (m.__class__, cfg.trainer.train_batch_size)
+    diff = {f for f in m.__dataclass_fields__ if getattr(m, f) != getattr(twin.model, f)}
+    assert diff == {"null_route_frac"}
+
+
+def _abstract_param_count(model_cfg: MixtralConfig) -> int:
+    model = eqx.filter_eval_shape(model_cfg.build, hax.Axis("vocab", VOCAB), key=jax.random.PRNGKey(0))
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(model) if hasattr(x, "shape"))
+
+
+def _stock(m: MixtralConfig) -> StockMixtralConfig:
+    return StockMixtralConfig(
+        seq_len=m.seq_len, hidden_dim=m.hidden_dim, intermediate_dim=m.intermediate_dim, num_layers=m.num_layers,
+        num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, n_routed_experts=m.n_routed_experts,
+        num_experts_per_tok=m.num_experts_per_tok,
+    )
+
+
+@pytest.mark.parametrize("seed", list(SEEDS))
+def test_hardware_configs_build_abstractly(seed):
+    """Parameter counts (abstract build == formula == stock Levanter Mixtral + one null-gate row per layer)
+    and FLOPs per token (p = 0: stock Levanter's count; null run: experts at k N / (N + M) real per token)."""
+    null = _load(f"{seed}_tpu_null").model
+    p0 = _load(f"{seed}_tpu_p0").model
+    n_null = _abstract_param_count(null)
+    n_p0 = _abstract_param_count(p0)
+    stock_params = _stock(p0).total_trainable_params(VOCAB)
+    # parameters do not depend on p: the null gate exists in both (it is unused when M = 0)
+    assert n_null == n_p0 == null.total_trainable_params(VOCAB) == stock_params + p0.num_layers * p0.hidden_dim
+
+    # FLOPs: p = 0 is stock Levanter's number; the null run removes the skipped expert work
+    assert p0.flops_per_token(VOCAB) == pytest.approx(_stock(p0).flops_per_token(VOCAB), rel=1e-12)
+    D, F, L, k = null.hidden_dim, null.intermediate_dim, null.num_layers, null.num_experts_per_tok
+    N, M = null.n_routed_experts, null.num_null
+    e = null.expected_real_experts_per_token
+    assert e == pytest.approx(k * N / (N + M))
+    assert abs(e - k * (1 - null.null_route_frac)) < 0.05 * k
+    expected = p0.flops_per_token(VOCAB) - L * 6 * D * F * (k - e) + L * 2 * D
+    assert null.flops_per_token(VOCAB) == pytest.approx(expected, rel=1e-12)
+    # and the GPU configs are the same models
+    assert _load(f"{seed}_gpu_null").model.flops_per_token(VOCAB) == pytest.approx(null.flops_per_token(VOCAB))
+
+
+def test_tiny_cpu_config_builds_and_is_small():
+    cfg = _load("tiny_cpu")
+    m = cfg.model
+    assert m.null_route_frac == 0.5 and m.lbl_coef and m.rzl_coef
+    assert cfg.trainer.require_accelerator is False and cfg.trainer.ray.auto_start_cluster is False
+    assert cfg.trainer.tracker.mode == "offline"
+    assert _abstract_param_count(m) == m.total_trainable_params(VOCAB) < 5_000_000
