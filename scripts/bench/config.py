@@ -31,7 +31,8 @@ class BenchConfigError(ValueError):
 
 @dataclasses.dataclass
 class ShapeConfig:
-    """One matrix entry: a layer shape, optionally with its own sweep axes (None: inherit the top level)."""
+    """One matrix entry: a layer shape, optionally with its own sweep axes and timing settings (None: inherit
+    the top level)."""
 
     tokens: int = 4096
     hidden: int = 512
@@ -42,6 +43,7 @@ class ShapeConfig:
     impl: Optional[list[str]] = None
     warmup: Optional[int] = None
     iters: Optional[int] = None
+    split_forward_backward: Optional[bool] = None
 
     @property
     def name(self) -> str:
@@ -273,7 +275,10 @@ def expand(cfg: BenchConfig) -> list[Point]:
                             warmup=shape.warmup if shape.warmup is not None else cfg.warmup,
                             iters=shape.iters if shape.iters is not None else cfg.iters,
                             seed=cfg.seed,
-                            split=cfg.split_forward_backward and cfg.bench_pass == "forward_backward",
+                            split=bool(
+                                (cfg.split_forward_backward if shape.split_forward_backward is None
+                                 else shape.split_forward_backward) and cfg.bench_pass == "forward_backward"
+                            ),
                         )
                         if pt.key not in seen:
                             seen.add(pt.key)
