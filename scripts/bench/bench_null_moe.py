@@ -78,6 +78,9 @@ def run(cfg: BenchConfig) -> list[dict]:
     rows = [report.typed(r) for r in store.read() if r["point_key"] in keys]
     _log("")
     _log(report.summary_table(rows))
+    md = report.anchor_style_markdown(rows)
+    if md:
+        _log("\nnull_moe in the layout of the TPU anchor table (markdown):\n" + md + "\n")
     if cfg.plots:
         for path in report.make_plots(rows, cfg.out_dir):
             _log(f"PLOT {path}")

@@ -312,3 +312,32 @@ def make_plots(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
             plt.close(fig)
             paths.append(path)
     return paths
+
+
+def anchor_style_markdown(rows: list[dict[str, Any]], impl: str = "null_moe") -> str:
+    """A markdown table in the layout of the TPU anchor table (docs: /work/shared/anchors/README.md): per shape x
+    topk x mode, tokens/s at null 0.0, 0.1 and the largest fraction, and the gain from 0.0 to it."""
+    rs = [r for r in rows if r["impl"] == impl]
+    if not rs:
+        return ""
+    base = _baselines(rs)
+    top = max(r["null_target"] for r in rs)
+    lines = [
+        f"| shape | topk | mode | tokens/s @0.0 | tokens/s @0.1 | tokens/s @{top:.1f} | {top:.1f} vs 0.0 | 0.1 vs 0.0 | ideal expert-only |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    keys = sorted({(r["tokens"], r["hidden"], r["mlp_dim"], r["experts"], r["shape"], r["topk"], r["null_mode"])
+                   for r in rs if r["null_target"] > 0})
+    for *_, shape, k, mode in keys:
+        b = base.get((shape, k, impl))
+        at = {r["null_target"]: r for r in rs if r["shape"] == shape and r["topk"] == k and r["null_mode"] == mode}
+        r1, rt = at.get(0.1), at.get(top)
+        if b is None or rt is None:
+            continue
+        cell = lambda r: f"{r['tokens_per_s']:,.0f}" if r else "-"  # noqa: E731
+        g1 = f"{r1['tokens_per_s'] / b['tokens_per_s']:.2f}x" if r1 else "-"
+        lines.append(
+            f"| {shape} | {k} | {mode} | {cell(b)} | {cell(r1)} | {cell(rt)} | "
+            f"{rt['tokens_per_s'] / b['tokens_per_s']:.2f}x | {g1} | {1 / (1 - top):.0f}x |"
+        )
+    return "\n".join(lines)
