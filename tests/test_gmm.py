@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from null_moe import gmm as G
-from null_moe.gmm import grouped_glu, grouped_matmul, resolve_backend
+from null_moe import tiled as TL
+from null_moe.gmm import grouped_matmul, resolve_backend
 
 R, K, N, E = 100, 16, 24, 5
 
@@ -98,23 +99,42 @@ def test_guarded_backends_match_and_mask_past_rows(data, backend):
     assert np.all(np.asarray(dx[int(gs.sum()):]) == 0)
 
 
-def test_grouped_glu_matches_composed_reference(data):
-    x, w1, cot = data
-    w3 = jax.random.normal(jax.random.PRNGKey(5), w1.shape)
-    gs = jnp.asarray(GROUPS["odd_sizes"], jnp.int32)
+def _expert_mlp_reference(x, ids, wts, w1, w2, w3):
+    """Dense per-token loop: every slot's expert applied to its token, weighted, summed."""
+    out = []
+    for t in range(x.shape[0]):
+        acc = jnp.zeros(w2.shape[2])
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e < w1.shape[0]:
+                h = jax.nn.silu(x[t] @ w1[e]) * (x[t] @ w3[e])
+                acc = acc + wts[t, j] * (h @ w2[e])
+        out.append(acc)
+    return jnp.stack(out)
 
-    def ours(x, w1, w3):
-        return grouped_glu(x, w1, w3, gs, jax.nn.silu, backend="tiled", tile_rows=16)
 
-    def theirs(x, w1, w3):
-        return jax.nn.silu(_reference(x, w1, gs)) * _reference(x, w3, gs)
+@pytest.mark.parametrize("backend", ["tiled", "ragged_dot"])
+def test_expert_mlp_matches_per_token_loop(backend):
+    t, k, d, f, e = 24, 3, 8, 12, 4
+    keys = jax.random.split(jax.random.PRNGKey(3), 6)
+    x = jax.random.normal(keys[0], (t, d))
+    ids = jax.random.randint(keys[1], (t, k), 0, e + 1)  # e = null
+    ids = ids.at[0].set(e)  # one all-null token
+    wts = jax.random.uniform(keys[2], (t, k)) * (ids < e)
+    w1, w3 = (jax.random.normal(kk, (e, d, f)) for kk in keys[3:5])
+    w2 = jax.random.normal(keys[5], (e, f, d))
+    cot = jax.random.normal(keys[0], (t, d))
 
-    np.testing.assert_allclose(jax.jit(ours)(x, w1, w3), theirs(x, w1, w3), atol=2e-4, rtol=1e-4)
-    g_ours = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * cot), (0, 1, 2)))(x, w1, w3)
-    g_ref = jax.grad(lambda *a: jnp.sum(theirs(*a) * cot), (0, 1, 2))(x, w1, w3)
-    for a, b in zip(g_ours, g_ref):
-        assert np.all(np.isfinite(np.asarray(a)))
-        np.testing.assert_allclose(a, b, atol=5e-4, rtol=1e-4)
+    def ours(x, wts, w1, w2, w3):
+        return G.expert_mlp(x, ids, wts, w1, w2, w3, jax.nn.silu, backend=backend, tile_rows=8)
+
+    np.testing.assert_allclose(jax.jit(ours)(x, wts, w1, w2, w3), _expert_mlp_reference(x, ids, wts, w1, w2, w3), atol=1e-4, rtol=1e-4)
+    g_ours = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * cot), (0, 1, 2, 3, 4)))(x, wts, w1, w2, w3)
+    dense = lambda *a: jnp.sum(_expert_mlp_reference(*a[:1], ids, *a[1:]) * cot)  # noqa: E731
+    g_ref = jax.grad(dense, (0, 1, 2, 3, 4))(x, wts, w1, w2, w3)
+    for name, a, b in zip(["x", "weights", "w1", "w2", "w3"], g_ours, g_ref):
+        assert np.all(np.isfinite(np.asarray(a))), name
+        np.testing.assert_allclose(a, b, atol=2e-3, rtol=1e-4, err_msg=name)
 
 
 def test_tiled_visits_only_real_tiles(data):
@@ -129,18 +149,18 @@ def test_tiled_visits_only_real_tiles(data):
 
         return original(group_sizes, tile_rows, total_rows, per_expert, per_tile_counted, finish, carry)
 
-    original = G._tile_loop
+    original = TL.tile_loop
     try:
-        G._tile_loop = counting_tile_loop
-        for sizes in ([0, 0, 0, 0, 0], [32, 0, 0, 0, 0], [32, 32, 32, 0, 4]):
+        TL.tile_loop = counting_tile_loop
+        for sizes in ([0, 0, 0, 0, 0], [32, 0, 0, 0, 0], [40, 3, 17, 0, 4]):
             visits.clear()
-            G._tiled_forward(x, w, jnp.asarray(sizes, jnp.int32), 16)
+            TL._tiled_forward(x, w, jnp.asarray(sizes, jnp.int32), 32)
             jax.effects_barrier()
-            small = max(8, 16 // 4)  # full 16-row tiles, then 8-row tiles for each expert's remainder
-            expected = sum(s // 16 * 16 + -(-(s % 16) // small) * small for s in sizes)
+            # tile_rows 32 -> heights (32, 8): full 32-row tiles, then 8-row tiles rounding up
+            expected = sum(s // 32 * 32 + -(-(s % 32) // 8) * 8 for s in sizes)
             assert sum(visits) == expected, (sizes, visits)
     finally:
-        G._tile_loop = original
+        TL.tile_loop = original
 
 
 @pytest.mark.parametrize(

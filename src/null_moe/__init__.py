@@ -1,7 +1,7 @@
 """null-moe: null routing for Mixtral-style MoE layers on Haliax named axes."""
 
 from .config import GMM_BACKENDS, NullMoEConfig
-from .gmm import grouped_glu, grouped_matmul, resolve_backend
+from .gmm import expert_mlp, grouped_matmul, resolve_backend
 from .layers import ExpertMlp, NullRoutedMoE
 from .routing import NULL_MODES, Routing
 
@@ -12,7 +12,7 @@ __all__ = [
     "NullMoEConfig",
     "NullRoutedMoE",
     "Routing",
-    "grouped_glu",
+    "expert_mlp",
     "grouped_matmul",
     "resolve_backend",
 ]

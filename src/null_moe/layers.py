@@ -1,7 +1,7 @@
 """NullRoutedMoE: a Mixtral sparse-MoE block whose router may send any of a token's k slots to null.
 
-The module holds the parameters (router, null logit, experts) and composes the pure stages:
-routing.py (who goes where) -> dispatch.py (sorted rows) -> gmm.py (expert matmuls) -> dispatch.py (combine).
+The module holds the parameters (router, null logit, experts) and composes the pure stages: routing.py (who
+goes where) -> gmm.expert_mlp (dispatch.py sorting, grouped matmuls, combine; fused on the tiled backend).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from jax.sharding import PartitionSpec
 
 from . import routing as R
 from .config import NullMoEConfig
-from .dispatch import combine_rows, dispatch_rows, make_dispatch
-from .gmm import grouped_glu, grouped_matmul, resolve_backend
+from .gmm import expert_mlp, resolve_backend
 
 _ACTIVATIONS: dict[str, Callable] = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
 
@@ -52,33 +51,6 @@ class ExpertMlp(eqx.Module):
             return lin.weight.rearrange((lin.Experts, lin.In, lin.Out)).array
 
         return raw(self.w1), raw(self.w2), raw(self.w3)
-
-
-def expert_rows(
-    x: jax.Array,
-    expert_ids: jax.Array,
-    weights: jax.Array,
-    w1: jax.Array,
-    w2: jax.Array,
-    w3: jax.Array,
-    *,
-    act: Callable,
-    backend: str,
-    tile_rows: Optional[int],
-) -> jax.Array:
-    """Routed expert output for flat tokens: x [T, D], expert_ids/weights [T, k] -> [T, D].
-
-    Only the R real slot rows reach the expert matmuls; null slots (id N) sort past them.
-    """
-    n_real, k = w1.shape[0], expert_ids.shape[-1]
-    with jax.named_scope("dispatch"):
-        d = make_dispatch(expert_ids, n_real)
-        xs = dispatch_rows(x, d, k)
-    with jax.named_scope("experts"):
-        h = grouped_glu(xs, w1, w3, d.group_sizes, act, backend=backend, tile_rows=tile_rows)
-        ys = grouped_matmul(h, w2, d.group_sizes, backend=backend, tile_rows=tile_rows)
-    with jax.named_scope("combine"):
-        return combine_rows(ys, weights, d)
 
 
 def _current_mesh():
@@ -242,7 +214,7 @@ class NullRoutedMoE(eqx.Module):
 def _local_experts(x_tok, ids, wts, w1, w2, w3, *, act, backend, tile_rows):
     """Per-device body: this device's tokens (any leading token dims) through dispatch, experts, combine."""
     lead = x_tok.shape[:-1]
-    y = expert_rows(
+    y = expert_mlp(
         x_tok.reshape(-1, x_tok.shape[-1]),
         ids.reshape(-1, ids.shape[-1]),
         wts.reshape(-1, wts.shape[-1]),
