@@ -154,9 +154,23 @@ def _example(cfg, batch=2):
     return LmExample(tokens=tokens, loss_mask=loss_mask, attn_mask=AttentionMask.causal())
 
 
+def test_flops_match_levanter_formula_term_by_term():
+    from levanter.utils.flop_utils import lm_flops_per_token
+
+    for p, shared in ((0.0, 0), (0.5, 1)):
+        cfg = MixtralConfig(**SMALL, null_route_frac=p, n_shared_experts=shared)
+        ref = lm_flops_per_token(
+            hidden_dim=cfg.hidden_dim, intermediate_dim=cfg.intermediate_dim, num_layers=cfg.num_layers,
+            num_kv_heads=cfg.num_kv_heads, num_heads=cfg.num_heads, seq_len=cfg.seq_len, vocab_size=1000, glu=True,
+            num_experts=cfg.n_routed_experts, num_shared_experts=shared,
+            num_experts_per_tok=cfg.expected_real_experts_per_token,
+        ) + (cfg.num_layers * 2 * cfg.hidden_dim if p > 0 else 0)
+        assert cfg.flops_per_token(1000) == pytest.approx(ref, rel=1e-12)
+
+
 def test_build_param_count_matches_formula():
-    for p in (0.0, 0.5):
-        cfg = MixtralConfig(**SMALL, null_route_frac=p)
+    for p, shared, bias in ((0.0, 0, False), (0.5, 0, False), (0.5, 1, True)):
+        cfg = MixtralConfig(**SMALL, null_route_frac=p, n_shared_experts=shared, use_bias=bias)
         model = eqx.filter_eval_shape(cfg.build, VOCAB, key=jax.random.PRNGKey(0))
         n = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(model) if hasattr(x, "shape"))
         assert n == cfg.total_trainable_params(VOCAB.size)

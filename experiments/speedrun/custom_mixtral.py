@@ -48,7 +48,6 @@ from levanter.layers.rotary import DefaultRotaryEmbeddingsConfig, RotaryEmbeddin
 from levanter.models.llama import LlamaEmbedding, LlamaMlp
 from levanter.models.lm_model import LmConfig, LmHeadModel
 from levanter.utils.activation import ActivationFunctionEnum
-from levanter.utils.flop_utils import lm_flops_per_token
 
 from null_moe.config import ACTIVATIONS, GmmBackend, NullMoEConfig
 
@@ -262,27 +261,21 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
         ``context_length`` (the attention span) defaults to ``seq_len``; newer Levanter passes it.
         """
         seq = self.seq_len if context_length is None else context_length
-        flops = lm_flops_per_token(
-            hidden_dim=self.hidden_dim,
-            intermediate_dim=self.intermediate_dim,
-            num_layers=self.num_layers,
-            num_kv_heads=self.num_kv_heads,
-            num_heads=self.num_heads,
-            seq_len=seq,
-            vocab_size=vocab_size,
-            glu=True,
-            num_experts=self.n_routed_experts,
-            num_shared_experts=self.n_shared_experts,
-            num_experts_per_tok=self.expected_real_experts_per_token,  # type: ignore[arg-type]
-        )
-        if self.head_dim is not None and self.head_dim * self.num_heads != self.hidden_dim:
-            # lm_flops_per_token assumes head_dim = hidden / heads; correct the projections if it is not.
-            inner_true = self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
-            inner_assumed = self.hidden_dim + 2 * self.num_kv_heads * self.hidden_dim / self.num_heads
-            flops += self.num_layers * 2 * self.hidden_dim * (inner_true - inner_assumed)
-            flops += self.num_layers * 2 * self.hidden_dim * (self.head_dim * self.num_heads - self.hidden_dim)
+        D, F, L, H, KV, hd = (self.hidden_dim, self.intermediate_dim, self.num_layers, self.num_heads,
+                              self.num_kv_heads, self.head_size)
+        real_experts = self.expected_real_experts_per_token
+        # Levanter's lm_flops_per_token, term by term, with k replaced by the expected real experts per token
+        # (and head_dim allowed to differ from hidden / heads). Equal to it at p = 0.
+        mlp = 2 * 3 * D * F * (real_experts + self.n_shared_experts)
+        if self.n_routed_experts > 1:
+            mlp += 2 * D * self.n_routed_experts  # router
         if self.num_null > 0:
-            flops += self.num_layers * 2 * self.hidden_dim  # the null gate (one logit)
+            mlp += 2 * D  # the null gate (one logit)
+        qkv_proj = 2 * D * (H * hd + 2 * KV * hd)
+        out_proj = 2 * H * hd * D
+        attn = (2 * seq**2 * H * hd + 3 * seq * seq * H + 2 * seq * seq * hd * H) / seq
+        lm_head = 2 * D * vocab_size
+        flops = L * (mlp + qkv_proj + out_proj + attn) + lm_head
         return float(flops)
 
     def total_trainable_params(self, vocab_size: int) -> int:
@@ -291,17 +284,18 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
         attn = D * hs * H + 2 * D * hs * KV + hs * H * D
         if self.use_bias:
             attn += hs * H + 2 * hs * KV + D
-        router = D * self.n_routed_experts + D  # real gate + null gate
-        if self.use_bias:
-            router += self.n_routed_experts + 1
+        router = D * self.n_routed_experts + D  # real gate + null gate (the MoE layer has no biases)
         experts = 3 * self.n_routed_experts * D * F
         shared = 3 * self.n_shared_experts * D * F
-        norms = 2 * D * (1 if self.use_layer_norm_weight else 0) + (2 * D if self.use_bias else 0)
+        if self.use_bias and self.n_shared_experts:
+            shared += 2 * self.n_shared_experts * F + D
+        norms = 2 * ((D if self.use_layer_norm_weight else 0) + (D if self.use_bias else 0))
         layer = attn + router + experts + shared + norms
         embed = vocab_size * D
         head = 0 if self.tie_word_embeddings else vocab_size * D
-        final_norm = D if self.use_layer_norm_weight else 0
-        emb_norm = D if self.input_embedding_norm else 0
+        per_norm = (D if self.use_layer_norm_weight else 0) + (D if self.use_bias else 0)
+        final_norm = per_norm
+        emb_norm = per_norm if self.input_embedding_norm else 0
         return self.num_layers * layer + embed + head + final_norm + emb_norm
 
     def active_params_per_token(self, vocab_size: int) -> float:
