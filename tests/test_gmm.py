@@ -1,4 +1,4 @@
-"""grouped_matmul / grouped_glu against jax.lax.ragged_dot, and the backend choice."""
+"""grouped_matmul and expert_mlp against jax.lax.ragged_dot and per-token loops, and the backend choice."""
 
 from __future__ import annotations
 
