@@ -212,3 +212,18 @@ def test_input_shape_errors_name_the_axis():
 def test_backend_is_reported():
     cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2)
     assert NullRoutedMoE.init(cfg, key=jax.random.PRNGKey(0)).backend == "tiled"
+
+
+def test_route_forced_with_explicit_mask_matches_keyed_draw():
+    from null_moe.routing import forced_null_mask
+
+    cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2)
+    layer, x = _layer_and_input(cfg, seed=4)
+    key = jax.random.PRNGKey(11)
+    keyed = layer.route_forced(x, key=key, null_frac=0.5, mode="take_until_null")
+    mask = forced_null_mask(key, Batch.size * Pos.size, 2, 0.5, "take_until_null")
+    explicit = layer.route_forced(x, null_mask=mask)
+    for a, b in zip(keyed, explicit):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="null_mask"):
+        layer.route_forced(x, null_mask=mask[:3])

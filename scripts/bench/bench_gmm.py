@@ -68,7 +68,8 @@ def main(cfg: GmmBenchConfig):
         if pass_ == "forward":
             dense = jax.jit(lambda x, w: x @ w[0])
         else:
-            dense = jax.jit(jax.grad(lambda x, w: jnp.vdot(x @ w[0], g[: x.shape[0]]), (0, 1)))
+            # value_and_grad keeps the forward in the executable (grad alone lets XLA drop it)
+            dense = jax.jit(jax.value_and_grad(lambda x, w: jnp.vdot(x @ w[0], g[: x.shape[0]]), (0, 1)))
         t_dense = _median_time(dense, (x, w), cfg.warmup, cfg.iters)
         dense_flops = 2 * cfg.rows * cfg.k * cfg.n * flop_mult
         print(f"GMM pass={pass_} backend=dense real_frac=1.0 time_s={t_dense:.5f} gflops={dense_flops / t_dense / 1e9:.1f}")
@@ -80,7 +81,7 @@ def main(cfg: GmmBenchConfig):
                 def loss(x, w, gs, tile=tile, name=name):
                     return jnp.vdot(grouped_matmul(x, w, gs, backend=name, tile_rows=tile), g)
 
-                fn = jax.jit(loss if pass_ == "forward" else jax.grad(loss, (0, 1)))
+                fn = jax.jit(loss if pass_ == "forward" else jax.value_and_grad(loss, (0, 1)))
                 t_full = None
                 for frac in cfg.real_fracs:
                     gs = _group_sizes(rng, int(round(frac * cfg.rows)), cfg.experts)

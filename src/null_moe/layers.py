@@ -135,21 +135,27 @@ class NullRoutedMoE(eqx.Module):
         self,
         x: NamedArray,
         *,
-        key,
-        null_frac: float,
+        key=None,
+        null_frac: float = 0.0,
         mode: str = "independent",
         renormalize_real: Optional[bool] = None,
+        null_mask: Optional[jax.Array] = None,
     ) -> R.Routing:
-        """Benchmark routing: stock top-k over the real logits, then a random mask sends ``null_frac`` to null."""
+        """Benchmark routing: stock top-k over the real logits, then a random mask sends ``null_frac`` to null.
+
+        The mask is drawn with :func:`null_moe.routing.forced_null_mask` from ``key``; or pass ``null_mask``
+        ([T, k] bool, tokens flattened in x's axis order) to reuse one compiled step across null fractions.
+        """
         cfg = self.config
-        return R.forced_routing(
-            self._real_logits(x),
-            key,
-            k=cfg.num_experts_per_tok,
-            null_frac=null_frac,
-            mode=mode,
-            renormalize_real=cfg.renormalize_real if renormalize_real is None else renormalize_real,
-        )
+        renorm = cfg.renormalize_real if renormalize_real is None else renormalize_real
+        z = self._real_logits(x)
+        if null_mask is None:
+            if key is None:
+                raise ValueError("route_forced needs a key (or an explicit null_mask)")
+            null_mask = R.forced_null_mask(key, z.shape[0], cfg.num_experts_per_tok, null_frac, mode)
+        elif null_mask.shape != (z.shape[0], cfg.num_experts_per_tok):
+            raise ValueError(f"null_mask must have shape {(z.shape[0], cfg.num_experts_per_tok)}, got {null_mask.shape}")
+        return R.routing_with_null_mask(z, null_mask, renormalize_real=renorm)
 
     # --- experts ---------------------------------------------------------------------------------------------
     @named_call

@@ -140,6 +140,20 @@ def forced_null_mask(key: jax.Array, num_tokens: int, k: int, null_frac: float, 
     return jnp.arange(k)[None, :] >= real_count[:, None]
 
 
+def routing_with_null_mask(real_logits: jax.Array, null_mask: jax.Array, *, renormalize_real: bool) -> Routing:
+    """Stock top-k over the real logits, then ``null_mask`` [T, k] (True = null) sends slots to null.
+
+    k is ``null_mask.shape[-1]``. The pool of the aux losses is the N real experts.
+    """
+    n_real, k = real_logits.shape[-1], null_mask.shape[-1]
+    probs = jax.nn.softmax(real_logits, axis=-1)
+    top_probs, top_ids = jax.lax.top_k(probs, k)
+    top_ids = top_ids.astype(jnp.int32)
+    expert_ids = jnp.where(null_mask, n_real, top_ids)
+    weights = gate_weights(top_probs, null_mask, renormalize_real)
+    return Routing(expert_ids, weights, top_ids, probs, real_logits)
+
+
 def forced_routing(
     real_logits: jax.Array,
     key: jax.Array,
@@ -150,14 +164,8 @@ def forced_routing(
     renormalize_real: bool,
 ) -> Routing:
     """Benchmark routing: stock top-k over the real logits, then a random null mask at the target fraction."""
-    n_real = real_logits.shape[-1]
-    probs = jax.nn.softmax(real_logits, axis=-1)
-    top_probs, top_ids = jax.lax.top_k(probs, k)
-    top_ids = top_ids.astype(jnp.int32)
-    is_null = forced_null_mask(key, real_logits.shape[0], k, null_frac, mode)
-    expert_ids = jnp.where(is_null, n_real, top_ids)
-    weights = gate_weights(top_probs, is_null, renormalize_real)
-    return Routing(expert_ids, weights, top_ids, probs, real_logits)
+    null_mask = forced_null_mask(key, real_logits.shape[0], k, null_frac, mode)
+    return routing_with_null_mask(real_logits, null_mask, renormalize_real=renormalize_real)
 
 
 # --- aux losses and statistics ----------------------------------------------------------------------------------
