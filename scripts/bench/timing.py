@@ -247,22 +247,11 @@ def build_layer(pt: Point, for_forced: bool = False):
 
 
 def forced_routing_from_mask(layer, x, null_mask):
-    """``layer.route_forced`` with its random null mask given as data: stock top-k over the real logits, then
-    ``null_mask`` [T, k] sends slots to null. Bit-identical to ``layer.route_forced`` for the mask that
-    ``null_moe.routing.forced_null_mask`` draws for the same key (tests/test_bench.py checks it); taking the mask
-    as an input lets one executable serve every null fraction and mode of a shape."""
-    import jax
-    import jax.numpy as jnp
-    from null_moe import routing as R
-
-    cfg = layer.config
-    logits = layer._real_logits(x)
-    probs = jax.nn.softmax(logits, axis=-1)
-    top_probs, top_ids = jax.lax.top_k(probs, cfg.num_experts_per_tok)
-    top_ids = top_ids.astype(jnp.int32)
-    expert_ids = jnp.where(null_mask, cfg.n_routed_experts, top_ids)
-    weights = R.gate_weights(top_probs, null_mask, cfg.renormalize_real)
-    return R.Routing(expert_ids, weights, top_ids, probs, logits)
+    """``layer.route_forced`` with its random null mask given as data (``null_mask`` [T, k] bool): stock top-k
+    over the real logits, then the mask sends slots to null. Identical to ``layer.route_forced(key=...)`` for
+    the mask ``draw_null_mask`` draws from the same key (tests/test_bench.py checks it); taking the mask as an
+    input lets one executable serve every null fraction and mode of a shape."""
+    return layer.route_forced(x, null_mask=null_mask, renormalize_real=layer.config.renormalize_real)
 
 
 def draw_null_mask(pt: Point):
