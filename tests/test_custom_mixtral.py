@@ -24,6 +24,7 @@ from levanter.models.mixtral import MixtralLMHeadModel as StockMixtralLMHeadMode
 from levanter.tracker.tracker import DictTracker
 from levanter.utils.tree_utils import inference_mode
 
+from experiments.speedrun import custom_mixtral
 from experiments.speedrun.custom_mixtral import MixtralConfig, NullMixtralLMHeadModel, moe_stats_to_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -282,3 +283,31 @@ def test_log_expert_loads_off_drops_per_expert_keys():
     model = cfg.build(VOCAB, key=jax.random.PRNGKey(0))
     stats = moe_stats_to_log(model.routing_extras(_tokens(cfg)), cfg)
     assert "moe/null_frac" in stats and not any("_load" in k and "/expert" in k for k in stats)
+
+
+def test_step_aligned_tracker_files_stats_under_the_step_that_produced_them():
+    """The jitted step does not know its number: its stats are buffered by the host callback and merged into
+    the trainer's next log call that has a step (the step that produced them); leftovers flush at finish."""
+    inner = DictTracker()
+    tracker = custom_mixtral.StepAlignedTracker(inner)
+    try:
+        custom_mixtral._host_moe_stats({"moe/null_frac": np.float32(0.25)})
+        tracker.log({"train/loss": 1.0}, step=3)
+        tracker.log({"throughput/x": 2.0}, step=3)  # later logs of the same step: nothing pending any more
+        assert inner.metrics["step_3"] == {"throughput/x": 2.0}
+        custom_mixtral._host_moe_stats({"moe/null_frac": np.float32(0.5)})
+        tracker.log({"train/loss": 0.9}, step=4)
+        assert inner.metrics["step_4"] == {"moe/null_frac": 0.5, "train/loss": 0.9}
+        custom_mixtral._host_moe_stats({"moe/null_frac": np.float32(0.75)})
+    finally:
+        tracker.finish()
+    assert inner.metrics["step_4"] == {"moe/null_frac": 0.75}  # flushed at the last step seen
+    assert custom_mixtral._STEP_ALIGNED_TRACKERS == 0
+    # without an aligned tracker the stats go straight to the current tracker (jit_log semantics)
+    plain = DictTracker()
+    levanter.tracker.set_global_tracker(plain)
+    try:
+        custom_mixtral._host_moe_stats({"moe/null_frac": np.float32(0.125)})
+    finally:
+        levanter.tracker.set_global_tracker(None)
+    assert plain.metrics == {"moe/null_frac": 0.125}

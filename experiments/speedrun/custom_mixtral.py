@@ -25,13 +25,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Type, Union
 
 import equinox as eqx
 import jax
+import jax.experimental
 import jax.random as jrandom
+import numpy as np
 
 import haliax as hax
 import haliax.nn as hnn
@@ -43,6 +46,8 @@ from haliax.nn.scan import BlockSeq, Stacked
 import levanter.tracker
 from levanter.callbacks import Callback
 from levanter.checkpoint import Checkpointer, CheckpointerConfig
+from levanter.tracker import Tracker, TrackerConfig
+from levanter.tracker.wandb import WandbConfig
 from levanter.layers.attention import Attention, AttentionBackend, AttentionConfig, AttentionMask
 from levanter.layers.rotary import DefaultRotaryEmbeddingsConfig, RotaryEmbeddingsConfig
 from levanter.models.llama import LlamaEmbedding, LlamaMlp
@@ -370,6 +375,97 @@ def moe_stats_to_log(extras: Dict[str, NamedArray], config: MixtralConfig) -> Di
     return {k: jax.lax.stop_gradient(v) for k, v in stats.items()}
 
 
+# --- step-aligned logging of the routing stats ------------------------------------------------------------------
+# The stats are computed inside the jitted train step, which does not know its step number. Levanter's jit_log
+# hands them to the tracker with step=None, which W&B files under the *previous* step's row (the trainer logs
+# step s only after step s has run), so moe/* at row s would be step s + 1's routing and the last step would have
+# none. Instead the host callback below buffers them, and StepAlignedTracker merges the buffer into the next
+# log call that carries a step: the trainer's own logs of the step that produced them. Without that tracker
+# (plain train_lm, tests with another tracker) the stats go to the current tracker as jit_log would send them.
+_PENDING_MOE_STATS: Dict[str, float] = {}
+_PENDING_LOCK = threading.Lock()
+_STEP_ALIGNED_TRACKERS = 0
+
+
+def _host_moe_stats(stats) -> None:
+    values = {k: float(np.asarray(v)) for k, v in stats.items()}
+    if _STEP_ALIGNED_TRACKERS > 0:
+        with _PENDING_LOCK:
+            _PENDING_MOE_STATS.update(values)  # microbatches: the last one wins
+        return
+    try:
+        levanter.tracker.log(values, step=None, commit=False)
+    except RuntimeError:  # no tracker set: nowhere to log
+        pass
+
+
+def _take_pending_moe_stats() -> Dict[str, float]:
+    with _PENDING_LOCK:
+        pending = dict(_PENDING_MOE_STATS)
+        _PENDING_MOE_STATS.clear()
+    return pending
+
+
+def log_moe_stats(stats: Dict[str, jax.Array]) -> None:
+    """Logs (already stop_gradient'ed) scalars from inside jit through a host callback."""
+    stats = {k: jax.lax.stop_gradient(v) for k, v in stats.items()}
+    jax.experimental.io_callback(_host_moe_stats, None, stats, ordered=False)
+
+
+class StepAlignedTracker(Tracker):
+    """Forwards to another tracker; merges the buffered MoE stats into the next log call that has a step."""
+
+    def __init__(self, inner: Tracker):
+        global _STEP_ALIGNED_TRACKERS
+        self.inner = inner
+        self.name = getattr(inner, "name", "step_aligned")
+        self._last_step: Optional[int] = None
+        self._active = True
+        _STEP_ALIGNED_TRACKERS += 1
+
+    def log(self, metrics, *, step, commit=None):
+        if step is not None:
+            pending = _take_pending_moe_stats()
+            if pending:
+                metrics = {**pending, **metrics}
+            self._last_step = int(step)
+        self.inner.log(metrics, step=step, commit=commit)
+
+    def log_hyperparameters(self, hparams):
+        self.inner.log_hyperparameters(hparams)
+
+    def log_summary(self, metrics):
+        self.inner.log_summary(metrics)
+
+    def log_artifact(self, artifact_path, *, name=None, type=None):
+        self.inner.log_artifact(artifact_path, name=name, type=type)
+
+    def finish(self):
+        global _STEP_ALIGNED_TRACKERS
+        pending = _take_pending_moe_stats()
+        if pending and self._last_step is not None:
+            self.inner.log(pending, step=self._last_step)
+        if self._active:
+            self._active = False
+            _STEP_ALIGNED_TRACKERS -= 1
+        self.inner.finish()
+
+    def __getattr__(self, name):  # e.g. .run of a WandbTracker
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+
+@TrackerConfig.register_subclass("wandb_step_aligned")
+@dataclass
+class StepAlignedWandbConfig(WandbConfig):
+    """Levanter's W&B tracker config; its tracker files the MoE routing stats under the step that produced them."""
+
+    def init(self, run_id: Optional[str]) -> Tracker:
+        return StepAlignedTracker(super().init(run_id))
+
+
 class NullMixtralTransformer(eqx.Module):
     config: MixtralConfig = eqx.field(static=True)
     layers: Union[Stacked[NullMixtralDecoderLayer], BlockSeq[NullMixtralDecoderLayer]]
@@ -397,7 +493,7 @@ class NullMixtralTransformer(eqx.Module):
                 aux_loss = aux_loss + hax.sum(extras[name], axis=self.config.Layers)
 
         if log_stats and self.config.log_moe_stats:
-            levanter.tracker.jit_log(moe_stats_to_log(extras, self.config))
+            log_moe_stats(moe_stats_to_log(extras, self.config))
 
         return x, aux_loss, extras
 
@@ -533,6 +629,16 @@ class FinalCheckpointerConfig(CheckpointerConfig):
         return checkpointer  # type: ignore[return-value]
 
 
+def with_step_aligned_tracker(config):
+    """Swaps a plain W&B tracker config for ``StepAlignedWandbConfig`` with the same fields (other trackers are
+    left alone and get jit_log's step semantics)."""
+    tracker = config.trainer.tracker
+    if type(tracker) is WandbConfig:
+        fields = {f.name: getattr(tracker, f.name) for f in dataclasses.fields(WandbConfig)}
+        config.trainer.tracker = StepAlignedWandbConfig(**fields)
+    return config
+
+
 def with_final_checkpoint(config):
     """Swaps ``config.trainer.checkpointer`` for a ``FinalCheckpointerConfig`` with the same fields."""
     ckpt = config.trainer.checkpointer
@@ -552,6 +658,7 @@ def run_training(config) -> None:
     _offline_env()
     ensure_local_data(config.data)
     with_final_checkpoint(config)
+    with_step_aligned_tracker(config)
     try:
         train_lm.main(config)
     finally:
