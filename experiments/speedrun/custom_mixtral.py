@@ -18,6 +18,11 @@ Differences from stock ``levanter.models.mixtral`` that matter in training:
   token``), so Levanter's ``throughput/*flops*`` and MFU stay honest under null routing;
 - not an ``HFCompatConfig``: Levanter never builds an ``HFCheckpointConverter`` for it, so nothing fetches a
   reference config or tokenizer from the Hugging Face hub (the null gate has no HF counterpart anyway).
+
+The CLI (``main`` / ``run_training``) runs Levanter's ``train_lm.main`` after three local adjustments: it builds
+the offline corpus, tokenizer and token caches on first use (``local_data.ensure_local_data``), adds a
+checkpoint at the last step of every run (``FinalCheckpointerConfig``: this Levanter drops the end-of-training
+``force``), and files the routing stats under the step that produced them (``StepAlignedWandbConfig``).
 """
 
 from __future__ import annotations
