@@ -23,6 +23,7 @@ import jax.numpy as jnp
 # Measured on the 2-core development CPU (docs/RESULTS.md, "tile size"): 512-row tiles run the per-tile matmul
 # near dense speed (256-row matmuls reach about 0.65 of it); remainders use smaller tiles (see tile_sizes).
 DEFAULT_TILE_ROWS = 512
+ROUND_UP_FRAC = 0.5
 
 
 def tile_sizes(tile_rows: int) -> tuple[int, ...]:
@@ -37,10 +38,11 @@ def tile_sizes(tile_rows: int) -> tuple[int, ...]:
 def tile_loop(group_sizes, tile_rows: int, total_rows: int, per_expert, per_tile, finish_expert, carry):
     """Runs ``per_tile`` over the row tiles of every expert, and nothing for rows past the real ones.
 
-    Expert e's rows [offset_e, offset_e + g_e) are covered greedily by full tiles of each height in
-    :func:`tile_sizes` (512 then 128 rows by default), the last height rounding up: big tiles keep the
-    matmuls near dense speed, small ones bound the padding waste per expert, which matters when null routing
-    leaves each expert a hundred rows or so. All trip counts are dynamic, so empty experts and null rows
+    Expert e's rows [offset_e, offset_e + g_e) are covered by tiles of each height in :func:`tile_sizes`
+    (512 then 128 rows by default): as many full big tiles as fit, one more if the rest exceeds
+    ``ROUND_UP_FRAC`` of a big tile, then small tiles rounding up. Big tiles keep the matmuls near dense speed,
+    small ones bound the padding waste per expert, which matters when null routing leaves each expert a
+    hundred rows or so. All trip counts are dynamic, so empty experts and null rows
     cost nothing. A tile that would run off the end of the rows is shifted back to fit; ``valid`` marks the
     rows of the tile that belong to expert e and to no earlier tile of e, so writes masked by it are exact
     however tiles overlap.
@@ -71,8 +73,13 @@ def tile_loop(group_sizes, tile_rows: int, total_rows: int, per_expert, per_tile
         first, end = offsets[e], ends[e]
         state = (carry, ctx.get("acc0"))
         for level, size in enumerate(sizes):
-            left = end - first
-            count = (left + size - 1) // size if level == len(sizes) - 1 else left // size
+            left = jnp.maximum(end - first, 0)
+            if level == len(sizes) - 1:
+                count = (left + size - 1) // size
+            else:
+                # One more big tile when the rest is over half of one: a part-empty big tile costs less than three
+                # or four small, weight-bandwidth-bound ones (docs/RESULTS.md, "tile size").
+                count = left // size + (left % size > ROUND_UP_FRAC * size)
             state = jax.lax.fori_loop(0, count, tiles(size, first, end, ctx), state)
             first = first + count * size
         return finish_expert(e, ctx, *state)
