@@ -127,3 +127,30 @@ def test_routing_stats():
     np.testing.assert_allclose(s["real_per_token_hist"], [1 / 3, 1 / 3, 1 / 3])
     np.testing.assert_allclose(s["expert_loads"], [1 / 3, 1 / 3, 1 / 3, 0])
     assert float(s["load_violation_max"]) == pytest.approx(4 / 3 - 1)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(2, 9),
+    m=st.integers(0, 10),
+    k_frac=st.floats(0.0, 1.0),
+    tun=st.booleans(),
+    renorm=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_learned_routing_matches_loop_on_random_configs(n, m, k_frac, tun, renorm, seed):
+    k = 1 + int(k_frac * (n - 1))
+    t = 16
+    kz, ku = jax.random.split(jax.random.PRNGKey(seed))
+    z = jax.random.normal(kz, (t, n)) * 2
+    u = jax.random.normal(ku, (t,)) * 2
+    r = R.learned_routing(z, u, k=k, num_null=m, take_until_null=tun, renormalize_real=renorm)
+    logits = np.asarray(R.expand_logits(z, u, m)) if m else np.asarray(z)
+    ids, wts = _loop_route(logits, n, k, tun, renorm)
+    np.testing.assert_array_equal(np.asarray(r.expert_ids), ids)
+    np.testing.assert_allclose(np.asarray(r.weights), wts, atol=1e-6)
+    stats = R.routing_stats(r.expert_ids, n)
+    assert float(stats["null_frac"]) == pytest.approx(float((ids == n).mean()))
