@@ -26,6 +26,7 @@ BASE = dict(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_p
         ("n_routed_experts", -2),
         ("lbl_coef", -1.0),
         ("tile_rows", 12),
+        ("fused_experts", "yes"),
     ],
 )
 def test_bad_values_raise_naming_the_field(field, value):

@@ -113,8 +113,8 @@ def _expert_mlp_reference(x, ids, wts, w1, w2, w3):
     return jnp.stack(out)
 
 
-@pytest.mark.parametrize("backend", ["tiled", "ragged_dot"])
-def test_expert_mlp_matches_per_token_loop(backend):
+@pytest.mark.parametrize("backend,fused", [("tiled", True), ("tiled", False), ("ragged_dot", True)])
+def test_expert_mlp_matches_per_token_loop(backend, fused):
     t, k, d, f, e = 24, 3, 8, 12, 4
     keys = jax.random.split(jax.random.PRNGKey(3), 6)
     x = jax.random.normal(keys[0], (t, d))
@@ -126,7 +126,7 @@ def test_expert_mlp_matches_per_token_loop(backend):
     cot = jax.random.normal(keys[0], (t, d))
 
     def ours(x, wts, w1, w2, w3):
-        return G.expert_mlp(x, ids, wts, w1, w2, w3, jax.nn.silu, backend=backend, tile_rows=8)
+        return G.expert_mlp(x, ids, wts, w1, w2, w3, jax.nn.silu, backend=backend, tile_rows=8, fused=fused)
 
     np.testing.assert_allclose(jax.jit(ours)(x, wts, w1, w2, w3), _expert_mlp_reference(x, ids, wts, w1, w2, w3), atol=1e-4, rtol=1e-4)
     g_ours = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * cot), (0, 1, 2, 3, 4)))(x, wts, w1, w2, w3)

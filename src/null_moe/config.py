@@ -66,6 +66,9 @@ class NullMoEConfig:
         gmm_backend: grouped-matmul backend; "auto" picks per platform (see null_moe.gmm.resolve_backend).
         activation: expert activation ("silu" as in Mixtral).
         tile_rows: row tile of the "tiled" CPU backend; None uses the measured default.
+        fused_experts: on the "tiled" backend, run gather, the three projections and combine as one fused
+            kernel (default); False composes dispatch, three ``grouped_matmul`` calls and combine, as the other
+            backends always do.
     """
 
     hidden_dim: int
@@ -81,6 +84,7 @@ class NullMoEConfig:
     gmm_backend: GmmBackend = "auto"
     activation: str = "silu"
     tile_rows: Optional[int] = None
+    fused_experts: bool = True
 
     def __post_init__(self):
         for name in ("hidden_dim", "intermediate_dim", "n_routed_experts"):
@@ -106,6 +110,8 @@ class NullMoEConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or value < 0):
                 raise ValueError(f"{name} must be a non-negative number or None, got {value!r}")
+        if not isinstance(self.fused_experts, bool):
+            raise ValueError(f"fused_experts must be a bool, got {self.fused_experts!r}")
         t = self.tile_rows
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 8 or t % 8):
             raise ValueError(f"tile_rows must be a positive multiple of 8 or None, got {t!r}")

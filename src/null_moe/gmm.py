@@ -161,6 +161,7 @@ def expert_mlp(
     *,
     backend: str = "auto",
     tile_rows: Optional[int] = None,
+    fused: bool = True,
 ) -> jax.Array:
     """Routed gated-expert output for flat tokens: sum_j weights[t, j] * expert_{ids[t, j]}(x_t).
 
@@ -170,9 +171,9 @@ def expert_mlp(
         weights: [T, k] gate weights (0 on null slots).
         w1, w3: [E, D, F]; w2: [E, F, D]; act: the gate activation.
     Returns:
-        [T, D]. Null slots reach no expert matmul. On ``tiled`` dispatch, the three projections and combine
-        run fused over the real tiles (:func:`null_moe.tiled.tiled_expert_mlp`); other backends sort rows
-        (dispatch.py) and call :func:`grouped_matmul` for each projection.
+        [T, D]. Null slots reach no expert matmul. On ``tiled`` with ``fused``, gather, the three projections
+        and combine run as one kernel over the real tiles (:func:`null_moe.tiled.tiled_expert_mlp`); otherwise
+        rows are sorted (dispatch.py), :func:`grouped_matmul` runs each projection, and combine unsorts.
     """
     from .dispatch import combine_rows, dispatch_rows, make_dispatch
 
@@ -180,14 +181,16 @@ def expert_mlp(
     n_real, k = w1.shape[0], expert_ids.shape[-1]
     with jax.named_scope("dispatch"):
         d = make_dispatch(expert_ids, n_real)
-    if name == "tiled":
+    if name == "tiled" and fused:
         with jax.named_scope("experts_tiled_fused"):
             row_w = jnp.take(weights.reshape(-1), d.sort_idx)
             return tiled_expert_mlp(x, d.sort_idx // k, row_w, d.group_sizes, w1, w2, w3, tile_rows or DEFAULT_TILE_ROWS, act)
     with jax.named_scope("dispatch"):
         xs = dispatch_rows(x, d, k)
     with jax.named_scope(f"experts_{name}"):
-        h = act(grouped_matmul(xs, w1, d.group_sizes, backend=name)) * grouped_matmul(xs, w3, d.group_sizes, backend=name)
-        ys = grouped_matmul(h, w2, d.group_sizes, backend=name)
+        a = grouped_matmul(xs, w1, d.group_sizes, backend=name, tile_rows=tile_rows)
+        b = grouped_matmul(xs, w3, d.group_sizes, backend=name, tile_rows=tile_rows)
+        h = act(a) * b
+        ys = grouped_matmul(h, w2, d.group_sizes, backend=name, tile_rows=tile_rows)
     with jax.named_scope("combine"):
         return combine_rows(ys, weights, d)

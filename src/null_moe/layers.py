@@ -178,6 +178,7 @@ class NullRoutedMoE(eqx.Module):
             act=_ACTIVATIONS[cfg.activation],
             backend=self.backend,
             tile_rows=cfg.tile_rows,
+            fused=cfg.fused_experts,
         )
         ids = expert_ids.reshape(token_shape + (cfg.num_experts_per_tok,))
         wts = routing.weights.reshape(token_shape + (cfg.num_experts_per_tok,))
@@ -217,7 +218,7 @@ class NullRoutedMoE(eqx.Module):
         return self.apply(x, self.route(x))
 
 
-def _local_experts(x_tok, ids, wts, w1, w2, w3, *, act, backend, tile_rows):
+def _local_experts(x_tok, ids, wts, w1, w2, w3, *, act, backend, tile_rows, fused):
     """Per-device body: this device's tokens (any leading token dims) through dispatch, experts, combine."""
     lead = x_tok.shape[:-1]
     y = expert_mlp(
@@ -230,5 +231,6 @@ def _local_experts(x_tok, ids, wts, w1, w2, w3, *, act, backend, tile_rows):
         act=act,
         backend=backend,
         tile_rows=tile_rows,
+        fused=fused,
     )
     return y.reshape(lead + (y.shape[-1],))
