@@ -87,6 +87,7 @@ class BenchConfig:
     split_forward_backward: bool = False  # forward_backward: also time forward alone (fwd / bwd split)
     impl: list[str] = dataclasses.field(default_factory=lambda: ["null_moe"])
     backend: str = "auto"  # NullMoEConfig.gmm_backend
+    fused_experts: bool = True  # NullMoEConfig.fused_experts (tiled backend: one fused loop vs gmm x3)
     tile_rows: Optional[int] = None  # NullMoEConfig.tile_rows (row tile of the CPU "tiled" backend); None: default
     dtype: str = "float32"
     warmup: int = 2
@@ -118,6 +119,7 @@ class Point:
     renormalize: bool
     backend: str
     tile_rows: Optional[int]
+    fused: bool
     dtype: str
     warmup: int
     iters: int
@@ -203,6 +205,8 @@ def validate(cfg: BenchConfig) -> None:
         raise BenchConfigError(f"max_memory_gb must be > 0 or null, got {cfg.max_memory_gb!r}")
     if cfg.tile_rows is not None and (not _is_int(cfg.tile_rows) or cfg.tile_rows < 8 or cfg.tile_rows % 8):
         raise BenchConfigError(f"tile_rows must be a positive multiple of 8 or null, got {cfg.tile_rows!r}")
+    if not isinstance(cfg.fused_experts, bool):
+        raise BenchConfigError(f"fused_experts must be true or false, got {cfg.fused_experts!r}")
     if not cfg.out_dir:
         raise BenchConfigError("out_dir must be a non-empty path")
     # top-level lists (checked even when every shape overrides them: a typo should not pass silently)
@@ -271,7 +275,7 @@ def expand(cfg: BenchConfig) -> list[Point]:
                             experts=shape.experts, topk=int(k), impl=impl, null_target=p, null_mode=m,
                             routing=cfg.routing, bench_pass=cfg.bench_pass,
                             renormalize=cfg.renormalize_real_after_null, backend=cfg.backend,
-                            tile_rows=cfg.tile_rows, dtype=cfg.dtype,
+                            tile_rows=cfg.tile_rows, fused=bool(cfg.fused_experts), dtype=cfg.dtype,
                             warmup=shape.warmup if shape.warmup is not None else cfg.warmup,
                             iters=shape.iters if shape.iters is not None else cfg.iters,
                             seed=cfg.seed,

@@ -22,7 +22,7 @@ FIGURE_COLUMNS = [
     "time_min_s", "time_max_s", "compile_s", "time_fwd_s", "time_bwd_s",
 ]
 EXTRA_COLUMNS = [
-    "dtype", "renormalize", "warmup", "iters", "seed", "requested_backend", "tile_rows", "point_key", "sweep", "times",
+    "dtype", "renormalize", "warmup", "iters", "seed", "requested_backend", "tile_rows", "fused_experts", "point_key", "sweep", "times",
     "expert_loads", "timestamp",
 ]
 COLUMNS = AXIS_COLUMNS + FIGURE_COLUMNS + EXTRA_COLUMNS
@@ -80,6 +80,7 @@ def make_row(result, sweep: str, timestamp: str) -> dict[str, Any]:
             "seed": pt.seed,
             "requested_backend": pt.backend,
             "tile_rows": pt.tile_rows if pt.tile_rows is not None else "default",
+            "fused_experts": pt.fused,
             "point_key": pt.key,
             "sweep": sweep,
             "times": ";".join(f"{t:.6g}" for t in result.main.times),

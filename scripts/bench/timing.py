@@ -228,6 +228,7 @@ def _null_cfg(pt: Point, for_forced: bool = False):
         renormalize_real=pt.renormalize,
         gmm_backend=pt.backend,
         tile_rows=pt.tile_rows,
+        fused_experts=pt.fused,
     )
 
 
@@ -377,7 +378,7 @@ _CACHE: dict[tuple, _Prepared] = {}
 
 def _cache_key(pt: Point) -> tuple:
     return (pt.tokens, pt.hidden, pt.mlp_dim, pt.experts, pt.topk, pt.impl, pt.bench_pass, pt.renormalize,
-            pt.backend, pt.tile_rows, pt.dtype, pt.seed, pt.split)
+            pt.backend, pt.tile_rows, pt.fused, pt.dtype, pt.seed, pt.split)
 
 
 def _prepared(pt: Point) -> _Prepared:
