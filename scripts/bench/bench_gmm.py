@@ -10,8 +10,6 @@ process. Prints one ``GMM key=value ...`` line per point and a summary.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from typing import List, Optional
 
 import draccus
@@ -20,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from null_moe.gmm import DEFAULT_TILE_ROWS, grouped_matmul, resolve_backend
+from scripts.bench.timing import time_fn
 
 
 @dataclasses.dataclass
@@ -39,14 +38,7 @@ class GmmBenchConfig:
 
 
 def _median_time(fn, args, warmup, iters):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_fn(fn, args, warmup, iters).time_s
 
 
 def _group_sizes(rng, real_rows, experts):
