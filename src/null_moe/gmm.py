@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import GMM_BACKENDS
+from .dispatch import combine_rows, dispatch_rows, make_dispatch
 from .tiled import DEFAULT_TILE_ROWS, tiled_expert_mlp, tiled_gmm
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,8 +176,6 @@ def expert_mlp(
         and combine run as one kernel over the real tiles (:func:`null_moe.tiled.tiled_expert_mlp`); otherwise
         rows are sorted (dispatch.py), :func:`grouped_matmul` runs each projection, and combine unsorts.
     """
-    from .dispatch import combine_rows, dispatch_rows, make_dispatch
-
     name = resolve_backend(backend)
     n_real, k = w1.shape[0], expert_ids.shape[-1]
     with jax.named_scope("dispatch"):
