@@ -44,6 +44,7 @@ def _cfg(tmp_path, **kw) -> BenchConfig:
         (dict(null_route_frac=float("nan")), "null_route_frac"),
         (dict(null_route_frac_list=[0.0, 1.5]), "null_route_frac_list[1]"),
         (dict(null_routing_mode="sometimes"), "null_routing_mode"),
+        (dict(host_malloc="jemalloc"), "host_malloc"),
         (dict(routing="random"), "routing"),
         (dict(bench_pass="backward"), "bench_pass"),
         (dict(dtype="float16"), "dtype"),
@@ -224,6 +225,8 @@ def test_cli_tiny_sweep_end_to_end(tmp_path):
         assert float(r["time_fwd_s"]) > 0
     assert {r["backend"] for r in lines if r["impl"] != "stock_levanter"} == {"tiled"}
     assert {r["backend"] for r in lines if r["impl"] == "stock_levanter"} == {"levanter:ragged_dot"}
+    # the CLI re-executed itself with the resident allocator tunables (the default) and says so per point
+    assert {r["host_malloc"] for r in lines} == {"resident"}
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))

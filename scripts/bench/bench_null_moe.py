@@ -19,7 +19,10 @@ if __package__ in (None, ""):  # run as a file: make `scripts.bench` and `null_m
 
 import draccus
 
+from typing import Optional
+
 from scripts.bench import config as bconfig
+from scripts.bench import host_malloc
 from scripts.bench.config import BenchConfig, BenchConfigError
 
 
@@ -62,7 +65,7 @@ def run(cfg: BenchConfig) -> list[dict]:
     from scripts.bench import timing, wandb_log
 
     _log(f"bench: jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
-         f"{len(jax.devices())} device(s)")
+         f"{len(jax.devices())} device(s), host_malloc={host_malloc.current_mode()}")
     for i, pt in enumerate(points):
         if pt.key in done:
             _log(f"SKIP {i + 1}/{len(points)} {pt.label} key={pt.key} (already in {csv_path})")
@@ -88,9 +91,12 @@ def run(cfg: BenchConfig) -> list[dict]:
     return rows
 
 
-@draccus.wrap()
-def main(cfg: BenchConfig) -> None:
+def main(args: Optional[list[str]] = None) -> None:
+    cfg = draccus.parse(config_class=BenchConfig, args=args)
     try:
+        bconfig.validate(cfg)
+        # before any JAX work: the allocator tunables are read at process start (scripts/bench/host_malloc.py)
+        host_malloc.reexec_if_needed(cfg.host_malloc)
         run(cfg)
     except BenchConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -14,6 +14,8 @@ import math
 import os
 from typing import Optional
 
+from scripts.bench.host_malloc import HOST_MALLOC_MODES
+
 IMPLS = ("null_moe", "stock_levanter", "masked_null")
 MODES = ("independent", "take_until_null")
 NULL_MODES = MODES + ("both",)
@@ -99,6 +101,8 @@ class BenchConfig:
     plots: bool = True
     max_memory_gb: Optional[float] = None  # None: 80 percent of available memory (device memory on GPU/TPU)
     dry_run: bool = False  # validate and list the points, run nothing
+    # host allocator (scripts/bench/host_malloc.py): resident keeps freed buffers mapped (no per-call page faults)
+    host_malloc: str = "resident"
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
 
@@ -191,6 +195,7 @@ def validate(cfg: BenchConfig) -> None:
     _check_choice("bench_pass", cfg.bench_pass, PASSES)
     _check_choice("backend", cfg.backend, BACKENDS)
     _check_choice("dtype", cfg.dtype, DTYPES)
+    _check_choice("host_malloc", cfg.host_malloc, HOST_MALLOC_MODES)
     _check_choice("wandb.mode", cfg.wandb.resolved_mode(), WANDB_MODES)
     if not isinstance(cfg.impl, list) or not cfg.impl:
         raise BenchConfigError(f"impl must be a non-empty list of {list(IMPLS)}, got {cfg.impl!r}")

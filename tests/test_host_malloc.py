@@ -1,0 +1,47 @@
+"""scripts/bench/host_malloc.py: mode detection and the re-exec that applies the allocator tunables."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scripts.bench import host_malloc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_current_mode_reads_every_tunable(monkeypatch):
+    for k in host_malloc.RESIDENT_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert host_malloc.current_mode() == "default"
+    for k, v in host_malloc.RESIDENT_ENV.items():
+        monkeypatch.setenv(k, v)
+    assert host_malloc.current_mode() == "resident"
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # one tunable off: not resident
+    assert host_malloc.current_mode() == "default"
+
+
+def test_reexec_rejects_unknown_mode_and_skips_default(monkeypatch):
+    with pytest.raises(ValueError, match="host_malloc"):
+        host_malloc.reexec_if_needed("tcmalloc")
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed"))
+    host_malloc.reexec_if_needed("default")
+    for k, v in host_malloc.RESIDENT_ENV.items():
+        monkeypatch.setenv(k, v)
+    host_malloc.reexec_if_needed("resident")  # already resident: nothing to do
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables")
+def test_reexec_sets_tunables_before_the_program_runs():
+    prog = (
+        "import sys; from scripts.bench import host_malloc as h; "
+        "h.reexec_if_needed(sys.argv[1]); print('MODE', h.current_mode(), sys.argv[1:])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in host_malloc.RESIDENT_ENV}
+    for mode in ("resident", "default"):
+        out = subprocess.run([sys.executable, "-c", prog, mode], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        # arguments survive the re-exec unchanged
+        assert out.stdout.strip() == f"MODE {mode} [{mode!r}]", out.stdout
