@@ -4,12 +4,13 @@
     python -m scripts.bench.bench_gmm --tile_rows_list "[64,128,256,512]" --backends "[tiled]"
 
 All figures of one run are ratios against the dense matmul and the 100%-real time measured in the same
-process. Prints one ``GMM key=value ...`` line per point and a summary.
+process, timed in interleaved rounds. Prints one ``GMM key=value ...`` line per point and a summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import List, Optional
 
 import draccus
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from null_moe.gmm import DEFAULT_TILE_ROWS, grouped_matmul, resolve_backend
-from scripts.bench.timing import time_fn
+from scripts.bench import host_malloc
+from scripts.bench.timing import compile_fn
 
 
 @dataclasses.dataclass
@@ -35,14 +37,41 @@ class GmmBenchConfig:
     warmup: int = 2
     iters: int = 5
     seed: int = 0
+    host_malloc: str = "resident"  # scripts/bench/host_malloc.py
 
 
-def _median_time(fn, args, warmup, iters):
-    return time_fn(fn, args, warmup, iters).time_s
+def _fwd_bwd(fn, g):
+    """(y, dx, dw) of y = fn(x, w, *rest) for the fixed cotangent g.
+
+    A VJP with a given cotangent times exactly the forward and backward passes; a scalar loss such as <y, g> would
+    add a reduction over all R x N outputs (about 19 ms here) to every point and skew the ratios.
+    """
+
+    def run(x, w, *rest):
+        y, vjp = jax.vjp(lambda x, w: fn(x, w, *rest), x, w)
+        return (y, *vjp(g))
+
+    return run
 
 
 def _group_sizes(rng, real_rows, experts):
     return jnp.asarray(rng.multinomial(real_rows, np.full(experts, 1.0 / experts)), jnp.int32)
+
+
+def _interleaved_medians(fns: list, args: list, warmup: int, iters: int) -> list[float]:
+    """Median seconds per function, timed in rounds (one call of each per round) so that drift in the machine's
+    speed lands on every function alike instead of on whichever ran during a slow spell."""
+    compiled = [compile_fn(fn, a)[0] for fn, a in zip(fns, args)]
+    for c, a in zip(compiled, args):
+        for _ in range(warmup):
+            jax.block_until_ready(c(*a))
+    times = [[] for _ in fns]
+    for _ in range(iters):
+        for i, (c, a) in enumerate(zip(compiled, args)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(c(*a))
+            times[i].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
 
 
 def main(cfg: GmmBenchConfig):
@@ -52,48 +81,51 @@ def main(cfg: GmmBenchConfig):
     x = jax.random.normal(kx, (cfg.rows, cfg.k), dtype)
     w = (jax.random.normal(kw, (cfg.experts, cfg.k, cfg.n), dtype) / np.sqrt(cfg.k)).astype(dtype)
     g = jax.random.normal(kg, (cfg.rows, cfg.n), dtype)
-    print(f"device={jax.devices()[0].device_kind} platform={jax.default_backend()} shape={cfg.rows}x{cfg.k}x{cfg.n}x{cfg.experts}")
+    sizes = {frac: _group_sizes(rng, int(round(frac * cfg.rows)), cfg.experts) for frac in cfg.real_fracs}
+    print(
+        f"device={jax.devices()[0].device_kind} platform={jax.default_backend()} "
+        f"shape={cfg.rows}x{cfg.k}x{cfg.n}x{cfg.experts} dtype={cfg.dtype} host_malloc={host_malloc.current_mode()} "
+        f"rounds={cfg.iters}"
+    )
 
     summary = []
     for pass_ in cfg.passes:
         flop_mult = 1 if pass_ == "forward" else 3
-        if pass_ == "forward":
-            dense = jax.jit(lambda x, w: x @ w[0])
-        else:
-            # value_and_grad keeps the forward in the executable (grad alone lets XLA drop it)
-            dense = jax.jit(jax.value_and_grad(lambda x, w: jnp.vdot(x @ w[0], g[: x.shape[0]]), (0, 1)))
-        t_dense = _median_time(dense, (x, w), cfg.warmup, cfg.iters)
-        dense_flops = 2 * cfg.rows * cfg.k * cfg.n * flop_mult
-        print(f"GMM pass={pass_} backend=dense real_frac=1.0 time_s={t_dense:.5f} gflops={dense_flops / t_dense / 1e9:.1f}")
+        dense = (lambda x, w: x @ w[0]) if pass_ == "forward" else _fwd_bwd(lambda x, w: x @ w[0], g)
+        labels, fns, args = [("dense", None, 1.0)], [dense], [(x, w)]
         for backend in cfg.backends:
-            tiles = (cfg.tile_rows_list or [DEFAULT_TILE_ROWS]) if backend == "tiled" else [None]
-            for tile in tiles:
-                name = resolve_backend(backend)
+            name = resolve_backend(backend)
+            for tile in (cfg.tile_rows_list or [DEFAULT_TILE_ROWS]) if backend == "tiled" else [None]:
 
                 def forward(x, w, gs, tile=tile, name=name):
                     return grouped_matmul(x, w, gs, backend=name, tile_rows=tile)
 
-                def loss(x, w, gs, forward=forward):
-                    return jnp.vdot(forward(x, w, gs), g)
-
-                # forward: the output itself, as for the dense baseline; fwd+bwd: value and grads of <y, g>
-                fn = jax.jit(forward if pass_ == "forward" else jax.value_and_grad(loss, (0, 1)))
-                t_full = None
+                # forward: the output itself, as for the dense baseline; fwd+bwd: the output and its VJP
+                fn = forward if pass_ == "forward" else _fwd_bwd(forward, g)
                 for frac in cfg.real_fracs:
-                    gs = _group_sizes(rng, int(round(frac * cfg.rows)), cfg.experts)
-                    t = _median_time(fn, (x, w, gs), cfg.warmup, cfg.iters)
-                    t_full = t if frac == 1.0 else t_full
-                    flops = 2 * int(gs.sum()) * cfg.k * cfg.n * flop_mult
-                    vs_full = f"{t / t_full:.3f}" if t_full else "nan"
-                    line = (
-                        f"GMM pass={pass_} backend={name} tile_rows={tile} real_frac={frac} time_s={t:.5f} "
-                        f"gflops={flops / t / 1e9:.1f} speed_vs_dense={(flops / t) / (dense_flops / t_dense):.3f} "
-                        f"time_vs_full={vs_full}"
-                    )
-                    print(line, flush=True)
-                    summary.append(line)
+                    labels.append((name, tile, frac))
+                    fns.append(fn)
+                    args.append((x, w, sizes[frac]))
+        times = _interleaved_medians(fns, args, cfg.warmup, cfg.iters)
+        t_dense = times[0]
+        dense_flops = 2 * cfg.rows * cfg.k * cfg.n * flop_mult
+        print(f"GMM pass={pass_} backend=dense real_frac=1.0 time_s={t_dense:.5f} gflops={dense_flops / t_dense / 1e9:.1f}")
+        full = {(n, tl): t for (n, tl, fr), t in zip(labels, times) if fr == 1.0}
+        for (name, tile, frac), t in list(zip(labels, times))[1:]:
+            flops = 2 * int(sizes[frac].sum()) * cfg.k * cfg.n * flop_mult
+            t_full = full.get((name, tile))
+            vs_full = f"{t / t_full:.3f}" if t_full else "nan"
+            line = (
+                f"GMM pass={pass_} backend={name} tile_rows={tile} real_frac={frac} time_s={t:.5f} "
+                f"gflops={flops / t / 1e9:.1f} speed_vs_dense={(flops / t) / (dense_flops / t_dense):.3f} "
+                f"time_vs_full={vs_full}"
+            )
+            print(line, flush=True)
+            summary.append(line)
     return summary
 
 
 if __name__ == "__main__":
-    main(draccus.parse(config_class=GmmBenchConfig))
+    _cfg = draccus.parse(config_class=GmmBenchConfig)
+    host_malloc.reexec_if_needed(_cfg.host_malloc)
+    main(_cfg)

@@ -1,12 +1,14 @@
 """Whole layer, fused vs unfused tiled expert path, forward + backward at forced null 0 / 0.5 / 0.9.
 
-    .venv/bin/python -m scripts.bench.compare_fused
+    .venv/bin/python -m scripts.bench.compare_fused [--rounds 5] [--host_malloc resident|default]
 
-T = 4096, D = 512, F = 1024, N = 16, k = 4, f32; medians of 3 after a warm-up; ratios within one process.
+T = 4096, D = 512, F = 1024, N = 16, k = 4, f32. Every step is compiled and warmed up first, then timed in
+interleaved rounds (one call of each per round); medians per step, ratios against null 0 of the same path.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 
@@ -16,37 +18,46 @@ import jax
 import numpy as np
 
 from null_moe import NullMoEConfig, NullRoutedMoE
+from scripts.bench import host_malloc
 
 NULL_FRACS = (0.0, 0.5, 0.9)
 
 
-def _step_time(layer, x, routing, iters=3):
-    @eqx.filter_jit
-    def step(layer, x, routing):
-        return eqx.filter_value_and_grad(lambda l, x: hax.sum(l.apply(x, routing)[0] ** 2).scalar())(layer, x)
-
-    jax.block_until_ready(step(layer, x, routing))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(layer, x, routing))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def _step(layer, x, routing):
+    # gradients for the weights and the input, as in training (the layer's input comes from earlier layers)
+    return eqx.filter_value_and_grad(lambda lx: hax.sum(lx[0].apply(lx[1], routing)[0] ** 2).scalar())((layer, x))
 
 
-def main():
+def main(rounds: int = 5):
     base = NullMoEConfig(hidden_dim=512, intermediate_dim=1024, n_routed_experts=16, num_experts_per_tok=4)
     layer0 = NullRoutedMoE.init(base, key=jax.random.PRNGKey(0))
     x = hax.random.normal(jax.random.PRNGKey(1), (hax.Axis("token", 4096), base.Embed))
+    step = eqx.filter_jit(_step)
+    cases = []
     for fused in (True, False):
         layer = dataclasses.replace(layer0, config=dataclasses.replace(base, fused_experts=fused))
-        res = {}
         for p in NULL_FRACS:
             routing = layer.route_forced(x, key=jax.random.PRNGKey(2), null_frac=p)
-            res[p] = _step_time(layer, x, routing)
-        cells = " ".join(f"{p}: {t:.3f}s ({t / res[0.0]:.3f})" for p, t in res.items())
+            jax.block_until_ready(step(layer, x, routing))
+            cases.append((fused, p, (layer, x, routing)))
+    times = {(f, p): [] for f, p, _ in cases}
+    for _ in range(rounds):
+        for fused, p, args in cases:
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(*args))
+            times[(fused, p)].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"host_malloc={host_malloc.current_mode()} rounds={rounds} device={jax.devices()[0].device_kind}")
+    for fused in (True, False):
+        cells = " ".join(f"{p}: {med[(fused, p)]:.3f}s ({med[(fused, p)] / med[(fused, 0.0)]:.3f})" for p in NULL_FRACS)
         print("fused" if fused else "unfused", cells, flush=True)
+    return med
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--host_malloc", default="resident", choices=host_malloc.HOST_MALLOC_MODES)
+    a = ap.parse_args()
+    host_malloc.reexec_if_needed(a.host_malloc)
+    main(a.rounds)
