@@ -22,6 +22,20 @@ def test_current_mode_reads_every_tunable(monkeypatch):
     assert host_malloc.current_mode() == "default"
 
 
+def test_auto_is_resident_only_for_a_cpu_jax(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host_malloc.resolve("auto") == "resident"
+    for platforms in ("tpu", "cuda", "cuda,cpu"):
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+        assert host_malloc.resolve("auto") == "default"
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(host_malloc.importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
+    assert host_malloc.resolve("auto") == "default"  # a TPU runtime is installed: JAX may use it
+    monkeypatch.setattr(host_malloc.importlib.util, "find_spec", lambda name: None)
+    assert host_malloc.resolve("auto") == "resident"
+    assert host_malloc.resolve("default") == "default" and host_malloc.resolve("resident") == "resident"
+
+
 def test_reexec_rejects_unknown_mode_and_skips_default(monkeypatch):
     with pytest.raises(ValueError, match="host_malloc"):
         host_malloc.reexec_if_needed("tcmalloc")
@@ -39,9 +53,10 @@ def test_reexec_sets_tunables_before_the_program_runs():
         "h.reexec_if_needed(sys.argv[1]); print('MODE', h.current_mode(), sys.argv[1:])"
     )
     env = {k: v for k, v in os.environ.items() if k not in host_malloc.RESIDENT_ENV}
-    for mode in ("resident", "default"):
+    env["JAX_PLATFORMS"] = "cpu"
+    for mode, expect in (("resident", "resident"), ("default", "default"), ("auto", "resident")):
         out = subprocess.run([sys.executable, "-c", prog, mode], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=60)
         assert out.returncode == 0, out.stderr
         # arguments survive the re-exec unchanged
-        assert out.stdout.strip() == f"MODE {mode} [{mode!r}]", out.stdout
+        assert out.stdout.strip() == f"MODE {expect} [{mode!r}]", out.stdout

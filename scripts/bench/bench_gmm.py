@@ -4,12 +4,13 @@
     python -m scripts.bench.bench_gmm --tile_rows_list "[64,128,256,512]" --backends "[tiled]"
 
 All figures of one run are ratios against the dense matmul and the 100%-real time measured in the same
-process, timed in interleaved rounds. Prints one ``GMM key=value ...`` line per point and a summary.
+process, timed in interleaved rounds (page_faults: median minor page faults per call). Prints one ``GMM key=value ...`` line per point and a summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import resource
 import time
 from typing import List, Optional
 
@@ -37,7 +38,7 @@ class GmmBenchConfig:
     warmup: int = 2
     iters: int = 5
     seed: int = 0
-    host_malloc: str = "resident"  # scripts/bench/host_malloc.py
+    host_malloc: str = "auto"  # scripts/bench/host_malloc.py
 
 
 def _fwd_bwd(fn, g):
@@ -58,20 +59,25 @@ def _group_sizes(rng, real_rows, experts):
     return jnp.asarray(rng.multinomial(real_rows, np.full(experts, 1.0 / experts)), jnp.int32)
 
 
-def _interleaved_medians(fns: list, args: list, warmup: int, iters: int) -> list[float]:
-    """Median seconds per function, timed in rounds (one call of each per round) so that drift in the machine's
-    speed lands on every function alike instead of on whichever ran during a slow spell."""
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _interleaved_medians(fns: list, args: list, warmup: int, iters: int) -> tuple[list[float], list[int]]:
+    """Median seconds and minor page faults per call for each function, timed in rounds (one call of each per
+    round) so that drift in the machine's speed lands on every function alike."""
     compiled = [compile_fn(fn, a)[0] for fn, a in zip(fns, args)]
     for c, a in zip(compiled, args):
         for _ in range(warmup):
             jax.block_until_ready(c(*a))
-    times = [[] for _ in fns]
+    times, faults = [[] for _ in fns], [[] for _ in fns]
     for _ in range(iters):
         for i, (c, a) in enumerate(zip(compiled, args)):
-            t0 = time.perf_counter()
+            f0, t0 = _minor_faults(), time.perf_counter()
             jax.block_until_ready(c(*a))
             times[i].append(time.perf_counter() - t0)
-    return [float(np.median(t)) for t in times]
+            faults[i].append(_minor_faults() - f0)
+    return [float(np.median(t)) for t in times], [int(np.median(f)) for f in faults]
 
 
 def main(cfg: GmmBenchConfig):
@@ -106,19 +112,22 @@ def main(cfg: GmmBenchConfig):
                     labels.append((name, tile, frac))
                     fns.append(fn)
                     args.append((x, w, sizes[frac]))
-        times = _interleaved_medians(fns, args, cfg.warmup, cfg.iters)
+        times, faults = _interleaved_medians(fns, args, cfg.warmup, cfg.iters)
         t_dense = times[0]
         dense_flops = 2 * cfg.rows * cfg.k * cfg.n * flop_mult
-        print(f"GMM pass={pass_} backend=dense real_frac=1.0 time_s={t_dense:.5f} gflops={dense_flops / t_dense / 1e9:.1f}")
+        print(
+            f"GMM pass={pass_} backend=dense real_frac=1.0 time_s={t_dense:.5f} "
+            f"gflops={dense_flops / t_dense / 1e9:.1f} page_faults={faults[0]}"
+        )
         full = {(n, tl): t for (n, tl, fr), t in zip(labels, times) if fr == 1.0}
-        for (name, tile, frac), t in list(zip(labels, times))[1:]:
+        for (name, tile, frac), t, nflt in list(zip(labels, times, faults))[1:]:
             flops = 2 * int(sizes[frac].sum()) * cfg.k * cfg.n * flop_mult
             t_full = full.get((name, tile))
             vs_full = f"{t / t_full:.3f}" if t_full else "nan"
             line = (
                 f"GMM pass={pass_} backend={name} tile_rows={tile} real_frac={frac} time_s={t:.5f} "
                 f"gflops={flops / t / 1e9:.1f} speed_vs_dense={(flops / t) / (dense_flops / t_dense):.3f} "
-                f"time_vs_full={vs_full}"
+                f"time_vs_full={vs_full} page_faults={nflt}"
             )
             print(line, flush=True)
             summary.append(line)

@@ -1,6 +1,6 @@
 """Whole layer, fused vs unfused tiled expert path, forward + backward at forced null 0 / 0.5 / 0.9.
 
-    .venv/bin/python -m scripts.bench.compare_fused [--rounds 5] [--host_malloc resident|default]
+    .venv/bin/python -m scripts.bench.compare_fused [--rounds 5] [--host_malloc auto|resident|default]
 
 T = 4096, D = 512, F = 1024, N = 16, k = 4, f32. Every step is compiled and warmed up first, then timed in
 interleaved rounds (one call of each per round); medians per step, ratios against null 0 of the same path.
@@ -57,7 +57,7 @@ def main(rounds: int = 5):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--host_malloc", default="resident", choices=host_malloc.HOST_MALLOC_MODES)
+    ap.add_argument("--host_malloc", default="auto", choices=host_malloc.HOST_MALLOC_MODES)
     a = ap.parse_args()
     host_malloc.reexec_if_needed(a.host_malloc)
     main(a.rounds)

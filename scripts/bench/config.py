@@ -101,8 +101,9 @@ class BenchConfig:
     plots: bool = True
     max_memory_gb: Optional[float] = None  # None: 80 percent of available memory (device memory on GPU/TPU)
     dry_run: bool = False  # validate and list the points, run nothing
-    # host allocator (scripts/bench/host_malloc.py): resident keeps freed buffers mapped (no per-call page faults)
-    host_malloc: str = "resident"
+    # host allocator (scripts/bench/host_malloc.py): resident keeps freed buffers mapped (no per-call page
+    # faults); auto = resident when JAX runs on the CPU only, default when an accelerator may be used
+    host_malloc: str = "auto"
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
 

@@ -10,17 +10,22 @@ routing saves.
 ``resident`` sets glibc's documented tunables: one arena for all threads, no mmap for large blocks, and no
 trimming of the heap top, so freed buffers are reused without faults. They are read only at process start, so
 the bench entry points re-execute themselves with them set (:func:`reexec_if_needed`). ``default`` leaves the
-allocator as it is. Every figure a bench prints says which mode it ran under.
+allocator as it is. ``auto`` (the benches' default) is ``resident`` when JAX will run on the CPU and ``default``
+when an accelerator may be used: there device buffers do not come from malloc, and one arena would only make
+the host threads contend. Every figure a bench prints says which mode it ran under.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from typing import Literal
 
 HostMalloc = Literal["resident", "default"]
-HOST_MALLOC_MODES = ("resident", "default")
+HOST_MALLOC_MODES = ("auto", "resident", "default")
+# packages whose presence means JAX may pick an accelerator when JAX_PLATFORMS is unset
+_ACCELERATOR_PACKAGES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
 
 RESIDENT_ENV = {
     "MALLOC_ARENA_MAX": "1",
@@ -34,15 +39,27 @@ def current_mode() -> HostMalloc:
     return "resident" if all(os.environ.get(k) == v for k, v in RESIDENT_ENV.items()) else "default"
 
 
+def resolve(mode: str) -> HostMalloc:
+    """``auto`` -> ``resident`` for a CPU-only JAX (JAX_PLATFORMS=cpu, or no accelerator plugin installed),
+    else ``default``; other modes map to themselves. Decided without initializing JAX."""
+    if mode not in HOST_MALLOC_MODES:
+        raise ValueError(f"host_malloc must be one of {HOST_MALLOC_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode  # type: ignore[return-value]
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return "resident" if platforms == "cpu" else "default"
+    accel = any(importlib.util.find_spec(p) is not None for p in _ACCELERATOR_PACKAGES)
+    return "default" if accel else "resident"
+
+
 def reexec_if_needed(mode: str) -> None:
     """Re-executes the current command with the resident tunables when ``mode`` asks for them and they are unset.
 
-    Call it first thing in a ``__main__`` block, before any JAX work. A no-op for ``default``, when already
-    resident, or off Linux (the tunables are glibc's).
+    Call it first thing in a ``__main__`` block, before any JAX work. A no-op when ``mode`` resolves to
+    ``default``, when already resident, or off Linux (the tunables are glibc's).
     """
-    if mode not in HOST_MALLOC_MODES:
-        raise ValueError(f"host_malloc must be one of {HOST_MALLOC_MODES}, got {mode!r}")
-    if mode == "default" or current_mode() == "resident" or not sys.platform.startswith("linux"):
+    if resolve(mode) == "default" or current_mode() == "resident" or not sys.platform.startswith("linux"):
         return
     env = {**os.environ, **RESIDENT_ENV}
     argv = [sys.executable, *sys.orig_argv[1:]] if hasattr(sys, "orig_argv") else [sys.executable, *sys.argv]
