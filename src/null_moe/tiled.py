@@ -112,13 +112,21 @@ def _mm_t(at, b):
     return jax.lax.dot_general(at, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _dot_rows(xt, w):
-    """xt [M, K] @ w [K, N] -> [M, N] in f32.
+# Row tiles at least this tall, projecting to at least as many columns as they have, go to the dot as they are.
+PLAIN_DOT_MIN_ROWS = 512
 
-    XLA:CPU's dot runs row tiles 1.4x (512 rows) to 2x (128 rows) faster when the row operand is handed to it
-    transposed, contracting over its major axis (docs/RESULTS.md, "operand layout"); the tile transpose costs
-    far less than it saves.
+
+def _dot_rows(xt, w):
+    """xt [M, K] @ w [K, N] -> [M, N] in f32, in the operand layout XLA:CPU runs fastest for this tile.
+
+    Measured by ``scripts/bench/probe_cpu.py`` (docs/RESULTS.md, "operand layout"): handing the row tile over
+    transposed, so that the dot contracts over its major axis, runs 128-row tiles about 2x faster (136 vs 62
+    GFLOP/s for 512 -> 1024) and 512-row tiles 1.5x faster for 1024 -> 512 (124 vs 84); only tall tiles that
+    widen (512 rows, 512 -> 1024) are faster as they are (180 vs 150), which lifts the grouped matmul from 0.67
+    to 0.78 of dense speed at 100% real rows (measured in one process).
     """
+    if xt.shape[0] >= PLAIN_DOT_MIN_ROWS and w.shape[1] >= xt.shape[1]:
+        return jax.lax.dot_general(xt, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return _mm_t(_t(xt), w)
 
 
