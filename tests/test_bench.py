@@ -133,7 +133,8 @@ def _fake_result(pt):
 
 
 def test_resume_after_crash(tmp_path, monkeypatch, capsys):
-    cfg = _cfg(tmp_path, null_route_frac_list=[0.0, 0.3, 0.6, 0.9], plots=False)
+    # one point at a time (interleave off): every finished point is on disk when the crash comes
+    cfg = _cfg(tmp_path, null_route_frac_list=[0.0, 0.3, 0.6, 0.9], plots=False, interleave=False)
     calls = []
 
     def crashing(pt):
@@ -166,6 +167,46 @@ def test_resume_after_crash(tmp_path, monkeypatch, capsys):
     assert calls == []
     bench_null_moe.run(dataclasses.replace(cfg, iters=2))
     assert len(calls) == 4
+
+
+def test_interleaved_batches_keep_finished_batches_on_crash(tmp_path, monkeypatch, capsys):
+    # two batches (topk 1 and 2, four null fractions each); the second crashes: the first batch's rows stay
+    cfg = _cfg(tmp_path, null_route_frac_list=[0.0, 0.3, 0.6, 0.9], topk_list=[1, 2], plots=False)
+    batches = []
+
+    def group(points):
+        batches.append([p.topk for p in points])
+        if len(batches) == 2:
+            raise RuntimeError("simulated crash in batch 2")
+        return [dataclasses.replace(_fake_result(p), timing="interleaved") for p in points]
+
+    monkeypatch.setattr(timing, "run_group", group)
+    monkeypatch.setattr(timing, "run_point", lambda pt: pytest.fail("grouped points ran alone"))
+    with pytest.raises(RuntimeError, match="batch 2"):
+        bench_null_moe.run(cfg)
+    assert batches == [[1, 1, 1, 1], [2, 2, 2, 2]]
+    with open(os.path.join(cfg.out_dir, cfg.csv_name)) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["topk"], r["null_target"], r["timing"]) for r in rows] == [
+        ("1", t, "interleaved") for t in ("0.0", "0.3", "0.6", "0.9")]
+    batches.clear()
+    monkeypatch.setattr(timing, "run_group", lambda pts: (batches.append(len(pts)), [_fake_result(p) for p in pts])[1])
+    rows = bench_null_moe.run(cfg)
+    assert batches == [4] and len(rows) == 8  # only the lost batch reruns
+
+
+def test_run_group_matches_run_point_stats(tmp_path):
+    """The interleaved timing of a batch measures the same points as one-by-one timing: same realized fractions
+    and loads, every round timed."""
+    cfg = _cfg(tmp_path, null_route_frac_list=[0.0, 0.5], null_routing_mode="both", iters=3)
+    pts = expand(cfg)
+    assert len({timing.group_key(p) for p in pts}) == 1
+    grouped = timing.run_group(pts)
+    for pt, g in zip(pts, grouped):
+        alone = timing.run_point(pt)
+        assert g.timing == "interleaved" and alone.timing == "sequential"
+        assert g.null_realized == alone.null_realized and g.expert_loads == alone.expert_loads
+        assert len(g.main.times) == 3 and g.main.time_s > 0
 
 
 def test_result_line_roundtrip():
@@ -227,6 +268,9 @@ def test_cli_tiny_sweep_end_to_end(tmp_path):
     assert {r["backend"] for r in lines if r["impl"] == "stock_levanter"} == {"levanter:ragged_dot"}
     # the CLI re-executed itself with the resident allocator tunables (the default) and says so per point
     assert {r["host_malloc"] for r in lines} == {"resident"}
+    # forced-routing points of one shape/topk/impl share a step and are timed in interleaved rounds
+    assert {r["timing"] for r in lines if r["impl"] != "stock_levanter"} == {"interleaved"}
+    assert {r["timing"] for r in lines if r["impl"] == "stock_levanter"} == {"sequential"}
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))

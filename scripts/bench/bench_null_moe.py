@@ -38,6 +38,21 @@ def prepare(cfg: BenchConfig):
     return points
 
 
+def _batches(todo: list, interleave: bool) -> list[list]:
+    """Consecutive points that share one compiled step (scripts.bench.timing.group_key) form one batch, timed in
+    interleaved rounds; everything else, or everything when ``interleave`` is off, runs alone."""
+    from scripts.bench import timing
+
+    batches: list[list] = []
+    for pt in todo:
+        key = timing.group_key(pt) if interleave else None
+        if batches and key is not None and timing.group_key(batches[-1][0]) == key and interleave:
+            batches[-1].append(pt)
+        else:
+            batches.append([pt])
+    return batches
+
+
 def run(cfg: BenchConfig) -> list[dict]:
     """Run the sweep; returns the typed CSV rows of this sweep (resumed ones included)."""
     points = prepare(cfg)
@@ -69,13 +84,15 @@ def run(cfg: BenchConfig) -> list[dict]:
     for i, pt in enumerate(points):
         if pt.key in done:
             _log(f"SKIP {i + 1}/{len(points)} {pt.label} key={pt.key} (already in {csv_path})")
-            continue
-        result = timing.run_point(pt)
-        ts = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        row = report.make_row(result, sweep, ts)
-        _log(report.result_line(row))
-        store.append(row)
-        wandb_log.log_point(cfg, row, result, group)
+    for batch in _batches([p for p in todo], cfg.interleave):
+        # a batch's rows land together once it is timed; a crash loses at most the batch in flight
+        results = timing.run_group(batch) if len(batch) > 1 else [timing.run_point(batch[0])]
+        for result in results:
+            ts = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            row = report.make_row(result, sweep, ts)
+            _log(report.result_line(row))
+            store.append(row)
+            wandb_log.log_point(cfg, row, result, group)
 
     keys = {p.key for p in points}
     rows = [report.typed(r) for r in store.read() if r["point_key"] in keys]

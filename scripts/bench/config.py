@@ -104,6 +104,9 @@ class BenchConfig:
     # host allocator (scripts/bench/host_malloc.py): resident keeps freed buffers mapped (no per-call page
     # faults); auto = resident when JAX runs on the CPU only, default when an accelerator may be used
     host_malloc: str = "auto"
+    # time the points that share one compiled step (forced routing: every null fraction and mode of a shape,
+    # topk and impl) in interleaved rounds, so their ratios survive drift in the machine's speed
+    interleave: bool = True
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
 

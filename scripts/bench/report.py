@@ -23,7 +23,7 @@ FIGURE_COLUMNS = [
     "time_min_s", "time_max_s", "compile_s", "time_fwd_s", "time_bwd_s",
 ]
 EXTRA_COLUMNS = [
-    "dtype", "renormalize", "warmup", "iters", "seed", "requested_backend", "tile_rows", "fused_experts", "host_malloc", "point_key", "sweep", "times",
+    "dtype", "renormalize", "warmup", "iters", "seed", "requested_backend", "tile_rows", "fused_experts", "host_malloc", "timing", "point_key", "sweep", "times",
     "expert_loads", "timestamp",
 ]
 COLUMNS = AXIS_COLUMNS + FIGURE_COLUMNS + EXTRA_COLUMNS
@@ -83,6 +83,7 @@ def make_row(result, sweep: str, timestamp: str) -> dict[str, Any]:
             "tile_rows": pt.tile_rows if pt.tile_rows is not None else "default",
             "fused_experts": pt.fused,
             "host_malloc": host_malloc.current_mode(),
+            "timing": result.timing,
             "point_key": pt.key,
             "sweep": sweep,
             "times": ";".join(f"{t:.6g}" for t in result.main.times),

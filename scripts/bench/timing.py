@@ -52,6 +52,7 @@ class PointResult:
     all_null_frac: float
     main: Measurement
     forward: Optional[Measurement] = None  # forward alone, when the split is measured
+    timing: str = "sequential"  # "interleaved": timed in rounds with the other points of its group (run_group)
 
     # --- derived figures ----------------------------------------------------------------------------------
     @property
@@ -145,25 +146,29 @@ def compile_fn(fn: Callable, args: tuple):
     return compiled, time.perf_counter() - t0
 
 
-def measure(compiled: Callable, args: tuple, warmup: int, iters: int, compile_s: float = 0.0) -> Measurement:
-    """Warm up, then time `iters` calls, each blocking until ready; report the median."""
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        out = compiled(*args)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
+def _measurement(times: list[float], compile_s: float) -> Measurement:
     return Measurement(
         time_s=float(statistics.median(times)),
         time_min_s=float(min(times)),
         time_max_s=float(max(times)),
         compile_s=compile_s,
-        times=times,
+        times=list(times),
     )
+
+
+def _timed_call(compiled: Callable, args: tuple) -> float:
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - t0
+
+
+def measure(compiled: Callable, args: tuple, warmup: int, iters: int, compile_s: float = 0.0) -> Measurement:
+    """Warm up, then time `iters` calls, each blocking until ready; report the median."""
+    for _ in range(warmup):
+        _timed_call(compiled, args)
+    return _measurement([_timed_call(compiled, args) for _ in range(iters)], compile_s)
 
 
 def time_fn(fn: Callable, args: tuple, warmup: int, iters: int) -> Measurement:
@@ -401,6 +406,42 @@ def _run_forced(pt: Point) -> PointResult:
     fwd = measure(prep.fwd, args, pt.warmup, pt.iters, prep.fwd_compile_s) if prep.fwd is not None else None
     st = _stats_from_ids(prep.route_ids(*args), pt.experts, pt.topk)
     return _result(pt, prep.backend, st, main, fwd)
+
+
+def group_key(pt: Point) -> Optional[tuple]:
+    """Points with equal keys share one compiled step (forced routing: the null mask is data) and can be timed
+    together by :func:`run_group`; None for points that compile their own (learned routing, stock Levanter)."""
+    if pt.routing == "forced" and pt.impl != "stock_levanter":
+        return _cache_key(pt) + (pt.warmup, pt.iters)
+    return None
+
+
+def run_group(points: list[Point]) -> list[PointResult]:
+    """Times points of one :func:`group_key` in interleaved rounds: each point warms up, then every round calls
+    each point's step once (and its forward alone, when split). A slow spell of the machine then lands on every
+    null fraction alike instead of on whichever point ran during it, so ratios between them hold up."""
+    key = group_key(points[0])
+    if key is None or any(group_key(p) != key for p in points):
+        raise ValueError("run_group needs forced-routing points that share one group_key")
+    prep = _prepared(points[0])
+    argss = [(prep.params, prep.x, draw_null_mask(pt)) for pt in points]
+    execs = [("main", prep.main)] + ([("fwd", prep.fwd)] if prep.fwd is not None else [])
+    for args in argss:
+        for _, compiled in execs:
+            for _ in range(points[0].warmup):
+                _timed_call(compiled, args)
+    times: dict[tuple[int, str], list[float]] = {(i, n): [] for i in range(len(points)) for n, _ in execs}
+    for _ in range(points[0].iters):
+        for i, args in enumerate(argss):
+            for name, compiled in execs:
+                times[(i, name)].append(_timed_call(compiled, args))
+    results = []
+    for i, (pt, args) in enumerate(zip(points, argss)):
+        main = _measurement(times[(i, "main")], prep.main_compile_s)
+        fwd = _measurement(times[(i, "fwd")], prep.fwd_compile_s) if prep.fwd is not None else None
+        st = _stats_from_ids(prep.route_ids(*args), pt.experts, pt.topk)
+        results.append(dataclasses.replace(_result(pt, prep.backend, st, main, fwd), timing="interleaved"))
+    return results
 
 
 def _run_generic(pt: Point) -> PointResult:

@@ -46,7 +46,7 @@ def log_point(cfg: BenchConfig, row: dict[str, Any], result, group: str) -> Opti
     config = {k: row[k] for k in (
         "shape", "tokens", "hidden", "mlp_dim", "experts", "topk", "impl", "backend", "pass", "routing",
         "null_mode", "null_target", "dtype", "renormalize", "warmup", "iters", "seed", "requested_backend",
-        "point_key", "sweep", "tile_rows", "fused_experts", "host_malloc",
+        "point_key", "sweep", "tile_rows", "fused_experts", "host_malloc", "timing",
     )}
     config["renormalize_real_after_null"] = pt.renormalize
     config["bench_pass"] = pt.bench_pass
