@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main job: the CPU null-routing matrix (configs/bench/cpu_matrix.yaml), about 15 min on 2 cores.
+# The README's main job: the CPU null-routing matrix (configs/bench/cpu_matrix.yaml), about 10 min on 2 cores.
 # Writes RESULT lines to stdout and results.csv, plots and W&B runs under out/bench/cpu_matrix (override with
 # OUT_DIR). W&B is offline unless WANDB_MODE is set (e.g. WANDB_MODE=online after `wandb login`).
 # Extra arguments go to the CLI, e.g.:  bash scripts/run_bench.sh --iters 3
