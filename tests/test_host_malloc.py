@@ -60,3 +60,11 @@ def test_reexec_sets_tunables_before_the_program_runs():
         assert out.returncode == 0, out.stderr
         # arguments survive the re-exec unchanged
         assert out.stdout.strip() == f"MODE {expect} [{mode!r}]", out.stdout
+
+
+@pytest.mark.parametrize("script", ["compare_fused", "probe_cpu"])
+def test_timing_scripts_parse_their_command_line(script):
+    out = subprocess.run([sys.executable, "-m", f"scripts.bench.{script}", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--rounds" in out.stdout and "--host_malloc" in out.stdout

@@ -8,7 +8,6 @@ interleaved rounds (one call of each per round); medians per step, ratios agains
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
@@ -55,9 +54,4 @@ def main(rounds: int = 5):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--host_malloc", default="auto", choices=host_malloc.HOST_MALLOC_MODES)
-    a = ap.parse_args()
-    host_malloc.reexec_if_needed(a.host_malloc)
-    main(a.rounds)
+    main(host_malloc.rounds_cli(__doc__, 5))

@@ -66,3 +66,16 @@ def reexec_if_needed(mode: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, env)
+
+
+def rounds_cli(doc: str, default_rounds: int) -> int:
+    """The command line of the small timing scripts: ``--rounds N --host_malloc MODE``. Re-executes with the
+    allocator tunables when the mode asks for them (so call it before any JAX work) and returns N."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=default_rounds)
+    ap.add_argument("--host_malloc", default="auto", choices=HOST_MALLOC_MODES)
+    args = ap.parse_args()
+    reexec_if_needed(args.host_malloc)
+    return args.rounds

@@ -11,7 +11,6 @@ Medians of interleaved rounds; prints ``PROBE key=value ...`` lines.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -85,9 +84,4 @@ def main(rounds: int = 9) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--host_malloc", default="auto", choices=host_malloc.HOST_MALLOC_MODES)
-    a = ap.parse_args()
-    host_malloc.reexec_if_needed(a.host_malloc)
-    main(a.rounds)
+    main(host_malloc.rounds_cli(__doc__, 9))
