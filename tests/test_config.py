@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from null_moe import NullMoEConfig
-from null_moe.config import expected_real_experts, num_null_slots
+from null_moe.config import num_null_slots
 
 BASE = dict(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2)
 
@@ -25,6 +25,10 @@ BASE = dict(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_p
         ("hidden_dim", 0),
         ("n_routed_experts", -2),
         ("lbl_coef", -1.0),
+        ("lbl_coef", float("nan")),
+        ("rzl_coef", float("inf")),
+        ("rzl_coef", True),
+        ("take_until_null", "yes"),
         ("tile_rows", 12),
         ("fused_experts", "yes"),
     ],
@@ -44,14 +48,21 @@ def test_num_null_slots():
     assert cfg.num_null == 4 and cfg.ExpandedExperts.size == 8
 
 
-def test_expected_real_experts():
-    assert expected_real_experts(8, 0, 4, True) == 4.0
-    assert expected_real_experts(8, 8, 4, False) == pytest.approx(2.0)
-    # take_until_null: P(slot j real) = prod_{i<=j} (N - i) / (N + M - i)
-    n, m = 4, 4
-    want = 4 / 8 + 4 / 8 * 3 / 7
-    assert expected_real_experts(n, m, 2, True) == pytest.approx(want)
-    assert NullMoEConfig(**BASE).expected_real_experts_per_token == 2.0
+@pytest.mark.parametrize("take_until_null", [False, True])
+def test_expected_real_experts_is_k_times_one_minus_p_in_both_modes(take_until_null):
+    for p, want in ((0.0, 2.0), (0.5, 1.0), (0.75, 0.5)):
+        cfg = NullMoEConfig(**{**BASE, "null_route_frac": p, "take_until_null": take_until_null})
+        assert cfg.expected_real_experts_per_token == pytest.approx(want)
+
+
+def test_num_null_experts_must_agree_with_null_route_frac():
+    """p is the switch: M = 0 with p > 0 would silently turn null routing off, M > 0 with p = 0 would turn it on."""
+    with pytest.raises(ValueError, match="num_null_experts must be >= 1"):
+        NullMoEConfig(**{**BASE, "null_route_frac": 0.5, "num_null_experts": 0})
+    with pytest.raises(ValueError, match="num_null_experts=4 needs null_route_frac > 0"):
+        NullMoEConfig(**{**BASE, "num_null_experts": 4})
+    assert NullMoEConfig(**{**BASE, "num_null_experts": 0}).num_null == 0
+    assert NullMoEConfig(**{**BASE, "null_route_frac": 0.5, "num_null_experts": 2}).num_null == 2
 
 
 def test_config_is_frozen():

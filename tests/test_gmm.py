@@ -1,4 +1,4 @@
-"""grouped_matmul and expert_mlp against jax.lax.ragged_dot and per-token loops, and the backend choice."""
+"""grouped_matmul and experts.expert_mlp against jax.lax.ragged_dot and per-token loops, and the backend choice."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from null_moe import experts as X
 from null_moe import gmm as G
 from null_moe import tiled as TL
 from null_moe.gmm import grouped_matmul, resolve_backend
@@ -76,7 +77,7 @@ def test_both_tile_dot_layouts_match_ragged_dot(data, case, monkeypatch):
     y_ref, (dx_ref, dw_ref) = _ref_value_and_grads(x, w, gs, cot)
     for a, b in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
-    test_expert_mlp_matches_per_token_loop("tiled", True)  # traced afresh: its jit wraps new closures
+    _check_expert_mlp_against_per_token_loop("tiled", True)  # traced afresh: its jit wraps new closures
 
 
 def test_tiled_small_row_count_below_tile(data):
@@ -131,6 +132,10 @@ def _expert_mlp_reference(x, ids, wts, w1, w2, w3):
 
 @pytest.mark.parametrize("backend,fused", [("tiled", True), ("tiled", False), ("ragged_dot", True)])
 def test_expert_mlp_matches_per_token_loop(backend, fused):
+    _check_expert_mlp_against_per_token_loop(backend, fused)
+
+
+def _check_expert_mlp_against_per_token_loop(backend, fused):
     t, k, d, f, e = 24, 3, 8, 12, 4
     keys = jax.random.split(jax.random.PRNGKey(3), 6)
     x = jax.random.normal(keys[0], (t, d))
@@ -142,7 +147,7 @@ def test_expert_mlp_matches_per_token_loop(backend, fused):
     cot = jax.random.normal(keys[0], (t, d))
 
     def ours(x, wts, w1, w2, w3):
-        return G.expert_mlp(x, ids, wts, w1, w2, w3, jax.nn.silu, backend=backend, tile_rows=8, fused=fused)
+        return X.expert_mlp(x, ids, wts, w1, w2, w3, jax.nn.silu, backend=backend, tile_rows=8, fused=fused)
 
     np.testing.assert_allclose(jax.jit(ours)(x, wts, w1, w2, w3), _expert_mlp_reference(x, ids, wts, w1, w2, w3), atol=1e-4, rtol=1e-4)
     g_ours = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * cot), (0, 1, 2, 3, 4)))(x, wts, w1, w2, w3)
@@ -186,18 +191,18 @@ def test_tiled_visits_only_real_tiles(data):
 
 @pytest.mark.parametrize(
     "platform,expected",
-    [("cpu", "tiled"), ("tpu", "megablox"), ("gpu", "ragged_dot"), ("cuda", "ragged_dot")],
+    [("cpu", "tiled"), ("tpu", "megablox"), ("gpu", "triton"), ("cuda", "triton")],
 )
 def test_auto_backend_per_platform(platform, expected, monkeypatch):
-    monkeypatch.setattr(G, "_tokamax_available", lambda: False)
+    monkeypatch.setattr(G, "_tokamax_available", lambda: True)  # installed or not, auto never picks it
     assert resolve_backend("auto", platform=platform) == expected
 
 
-def test_auto_prefers_tokamax_on_gpu_when_installed(monkeypatch):
-    monkeypatch.setattr(G, "_tokamax_available", lambda: True)
-    assert resolve_backend("auto", platform="gpu") == "tokamax"
+def test_auto_follows_the_default_platform(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert resolve_backend("auto") == "megablox"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_backend("auto") == "triton"
 
 
 def test_backend_errors():

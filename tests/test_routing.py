@@ -40,6 +40,22 @@ def test_learned_routing_matches_loop(m, k, tun, renorm):
     assert r.probs.shape == (t, n + m)
 
 
+def test_learned_take_until_null_is_a_no_op_when_copies_cover_k():
+    """The M null copies share one logit and tie: with M >= k, once one enters a token's top-k every later slot
+    is a copy, so the flag cannot change learned routing. With M < k it can (real slots after the copies)."""
+    n, t = 6, 400
+    z = jax.random.normal(jax.random.PRNGKey(0), (t, n))
+    u = jax.random.normal(jax.random.PRNGKey(1), (t,)) + 0.5
+    for m, k in ((4, 4), (9, 3), (6, 6)):
+        a = R.learned_routing(z, u, k=k, num_null=m, take_until_null=False, renormalize_real=True)
+        b = R.learned_routing(z, u, k=k, num_null=m, take_until_null=True, renormalize_real=True)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    a = R.learned_routing(z, u, k=4, num_null=1, take_until_null=False, renormalize_real=True)
+    b = R.learned_routing(z, u, k=4, num_null=1, take_until_null=True, renormalize_real=True)
+    assert int(jnp.sum(b.expert_ids == n)) > int(jnp.sum(a.expert_ids == n))
+
+
 def test_take_until_null_nulls_every_later_slot():
     is_null = jnp.array([[False, True, False, False], [False, False, False, True], [True, False, False, False]])
     out = R._null_after_first_null(is_null)

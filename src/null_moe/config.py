@@ -1,21 +1,24 @@
 """NullMoEConfig: the one frozen config every part of the layer reads.
 
-Axes follow Levanter's Mixtral: "embed", "mlp", "experts", "top_experts". The null slots get their own axis
-only where something is laid out over them (the expanded router logits, axis "expanded_experts").
+Axes follow Levanter's Mixtral: "embed", "mlp", "experts". The null slots get their own axis only where
+something is laid out over them (the expanded router logits, axis "expanded_experts").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Optional, get_args
+from typing import Callable, Literal, Optional, get_args
 
 import haliax as hax
+import jax
 
-GmmBackend = Literal["auto", "tiled", "megablox", "tokamax", "ragged_dot"]
+GmmBackend = Literal["auto", "tiled", "megablox", "triton", "tokamax", "ragged_dot"]
 GMM_BACKENDS: tuple[str, ...] = get_args(GmmBackend)
 
-ACTIVATIONS = ("silu", "gelu", "relu")
+Activation = Literal["silu", "gelu", "relu"]
+#: The one activation table: config name -> function applied to the gate projection.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
 
 
 def num_null_slots(n_routed_experts: int, null_route_frac: float, num_null_experts: Optional[int]) -> int:
@@ -31,27 +34,13 @@ def num_null_slots(n_routed_experts: int, null_route_frac: float, num_null_exper
     return max(1, round(n_routed_experts * null_route_frac / (1.0 - null_route_frac)))
 
 
-def expected_real_experts(n_real: int, n_null: int, k: int, take_until_null: bool) -> float:
-    """Expected real experts per token under balanced routing (every pool entry equally likely).
-
-    The k slots are k draws without replacement from N real and M null entries. Independent slots: k N/(N+M).
-    take_until_null: slot j is real only if slots 0..j all are, i.e. sum_j prod_{i<=j} (N-i)/(N+M-i).
-    """
-    total = n_real + n_null
-    if n_null == 0:
-        return float(k)
-    if not take_until_null:
-        return k * n_real / total
-    expected, run = 0.0, 1.0
-    for j in range(k):
-        run *= max(n_real - j, 0) / (total - j)
-        expected += run
-    return expected
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
 class NullMoEConfig:
-    """Shape and routing semantics of one null-routed MoE layer (see DESIGN.md, Semantics).
+    """Shape and routing semantics of one null-routed MoE layer (docs/DESIGN.md, "Semantics").
 
     Attributes:
         hidden_dim: D, size of the "embed" axis.
@@ -82,38 +71,53 @@ class NullMoEConfig:
     lbl_coef: Optional[float] = 0.01
     rzl_coef: Optional[float] = 0.001
     gmm_backend: GmmBackend = "auto"
-    activation: str = "silu"
+    activation: Activation = "silu"
     tile_rows: Optional[int] = None
     fused_experts: bool = True
 
     def __post_init__(self):
         for name in ("hidden_dim", "intermediate_dim", "n_routed_experts"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         k = self.num_experts_per_tok
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.n_routed_experts:
+        if not _is_int(k) or not 1 <= k <= self.n_routed_experts:
             raise ValueError(
                 f"num_experts_per_tok must be in [1, n_routed_experts={self.n_routed_experts}], got {k!r}"
             )
         p = self.null_route_frac
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0) or math.isnan(p):
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not (0.0 <= p < 1.0):
             raise ValueError(f"null_route_frac must be in [0, 1), got {p!r}")
         m = self.num_null_experts
-        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 0):
-            raise ValueError(f"num_null_experts must be a non-negative integer or None, got {m!r}")
+        if m is not None:
+            if not _is_int(m) or m < 0:
+                raise ValueError(f"num_null_experts must be a non-negative integer or None, got {m!r}")
+            # p is the switch: p = 0 promises stock routing, p > 0 promises null slots. A count that contradicts
+            # it would silently change what the config says, so it is an error rather than a quiet override.
+            if p == 0.0 and m > 0:
+                raise ValueError(
+                    f"num_null_experts={m} needs null_route_frac > 0 (null_route_frac=0 means stock routing, no null slots)"
+                )
+            if p > 0.0 and m == 0:
+                raise ValueError(
+                    f"num_null_experts must be >= 1 when null_route_frac > 0 (got 0 with null_route_frac={p}); "
+                    "use null_route_frac=0 to turn null routing off"
+                )
         if self.gmm_backend not in GMM_BACKENDS:
             raise ValueError(f"gmm_backend must be one of {GMM_BACKENDS}, got {self.gmm_backend!r}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
         for name in ("lbl_coef", "rzl_coef"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or value < 0):
-                raise ValueError(f"{name} must be a non-negative number or None, got {value!r}")
-        if not isinstance(self.fused_experts, bool):
-            raise ValueError(f"fused_experts must be a bool, got {self.fused_experts!r}")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite non-negative number or None, got {value!r}")
+        for name in ("take_until_null", "renormalize_real", "fused_experts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         t = self.tile_rows
-        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 8 or t % 8):
+        if t is not None and (not _is_int(t) or t < 8 or t % 8):
             raise ValueError(f"tile_rows must be a positive multiple of 8 or None, got {t!r}")
 
     # --- derived sizes -------------------------------------------------------------------------------------
@@ -124,10 +128,14 @@ class NullMoEConfig:
 
     @property
     def expected_real_experts_per_token(self) -> float:
-        """Expected real experts per token under balanced routing; k when M = 0. Used for FLOP counts."""
-        return expected_real_experts(
-            self.n_routed_experts, self.num_null, self.num_experts_per_tok, self.take_until_null
-        )
+        """k (1 - p): the real experts per token that null routing is calibrated to, used for FLOP counts.
+
+        The same in both modes. Forced routing draws its masks so that the expected null fraction is p, with or
+        without take_until_null. Learned routing shares one null logit among the M copies, so once one copy
+        enters a token's top-k all later slots are null whenever M >= k: it is take-until-null either way, and
+        the load-balancing loss pulls the null share toward p. What a run actually realized is logged next to it.
+        """
+        return self.num_experts_per_tok * (1.0 - self.null_route_frac)
 
     # --- axes ------------------------------------------------------------------------------------------------
     @property
@@ -141,10 +149,6 @@ class NullMoEConfig:
     @property
     def Experts(self) -> hax.Axis:
         return hax.Axis("experts", self.n_routed_experts)
-
-    @property
-    def TopExperts(self) -> hax.Axis:
-        return hax.Axis("top_experts", self.num_experts_per_tok)
 
     @property
     def NullLogit(self) -> hax.Axis:

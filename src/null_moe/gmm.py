@@ -9,8 +9,12 @@ Backends (chosen in exactly one place, :func:`resolve_backend`):
 - ``tiled``: this project's CPU kernels (null_moe.tiled). Each expert's rows are cut into tiles; a loop with a
   dynamic trip count visits only the tiles that hold real rows, so forward, dX and dW all cost O(R), not O(T k).
 - ``megablox``: the TPU Pallas kernel that Haliax's ``gmm_sharded`` wraps; it visits only tiles of real groups.
-- ``tokamax``: tokamax's ``ragged_dot`` (GPU, Hopper); used when the package is installed.
-- ``ragged_dot``: ``jax.lax.ragged_dot``; the reference. On CPU it runs every group densely whatever R is.
+- ``triton``: this project's Pallas-Triton kernel (null_moe.triton_gmm) for NVIDIA GPUs: programs past the
+  real rows exit early, forward, dX and dW. On other platforms it runs in Pallas interpret mode (tests).
+- ``tokamax``: tokamax's ``ragged_dot`` (selectable when installed); its kernels leave rows past R unwritten,
+  so they are masked here like megablox's.
+- ``ragged_dot``: ``jax.lax.ragged_dot``; the reference. On CPU it runs every group densely whatever R is, and
+  XLA on NVIDIA rewrites it to a masked dense dot over every group.
 
 All raw arrays here: ``x`` [R, K], ``w`` [E, K, N], ``group_sizes`` [E] int32.
 """
@@ -18,14 +22,13 @@ All raw arrays here: ``x`` [R, K], ``w`` [E, K, N], ``group_sizes`` [E] int32.
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from .config import GMM_BACKENDS
-from .dispatch import combine_rows, dispatch_rows, make_dispatch
-from .tiled import DEFAULT_TILE_ROWS, tiled_expert_mlp, tiled_gmm
+from .tiled import DEFAULT_TILE_ROWS, tiled_gmm
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backend choice: the one place that maps a request + platform to what runs.
@@ -37,7 +40,8 @@ def _tokamax_available() -> bool:
 def resolve_backend(requested: str = "auto", platform: Optional[str] = None) -> str:
     """The backend that runs for ``requested`` on ``platform`` (default: ``jax.default_backend()``).
 
-    auto: cpu -> tiled, tpu -> megablox, gpu -> tokamax if installed else ragged_dot.
+    auto: cpu -> tiled, tpu -> megablox, gpu -> triton. Explicit names run as asked (``triton`` off GPU runs
+    in Pallas interpret mode); ``tokamax`` needs the package.
     """
     if requested not in GMM_BACKENDS:
         raise ValueError(f"gmm_backend must be one of {GMM_BACKENDS}, got {requested!r}")
@@ -49,7 +53,7 @@ def resolve_backend(requested: str = "auto", platform: Optional[str] = None) -> 
     if platform == "tpu":
         return "megablox"
     if platform in ("gpu", "cuda", "rocm"):
-        return "tokamax" if _tokamax_available() else "ragged_dot"
+        return "triton"
     return "tiled"
 
 
@@ -149,47 +153,3 @@ def grouped_matmul(
         x = _zero_cotangent_past(x, group_sizes)
         out = _GUARDED[name](x, w, group_sizes)
         return jnp.where(_real_row_mask(x.shape[0], group_sizes)[:, None], out, 0)
-
-
-def expert_mlp(
-    x: jax.Array,
-    expert_ids: jax.Array,
-    weights: jax.Array,
-    w1: jax.Array,
-    w2: jax.Array,
-    w3: jax.Array,
-    act: Callable[[jax.Array], jax.Array],
-    *,
-    backend: str = "auto",
-    tile_rows: Optional[int] = None,
-    fused: bool = True,
-) -> jax.Array:
-    """Routed gated-expert output for flat tokens: sum_j weights[t, j] * expert_{ids[t, j]}(x_t).
-
-    Args:
-        x: [T, D] tokens.
-        expert_ids: [T, k] int, real expert id or N (= w1.shape[0]) for a null slot.
-        weights: [T, k] gate weights (0 on null slots).
-        w1, w3: [E, D, F]; w2: [E, F, D]; act: the gate activation.
-    Returns:
-        [T, D]. Null slots reach no expert matmul. On ``tiled`` with ``fused``, gather, the three projections
-        and combine run as one kernel over the real tiles (:func:`null_moe.tiled.tiled_expert_mlp`); otherwise
-        rows are sorted (dispatch.py), :func:`grouped_matmul` runs each projection, and combine unsorts.
-    """
-    name = resolve_backend(backend)
-    n_real, k = w1.shape[0], expert_ids.shape[-1]
-    with jax.named_scope("dispatch"):
-        d = make_dispatch(expert_ids, n_real)
-    if name == "tiled" and fused:
-        with jax.named_scope("experts_tiled_fused"):
-            row_w = jnp.take(weights.reshape(-1), d.sort_idx)
-            return tiled_expert_mlp(x, d.sort_idx // k, row_w, d.group_sizes, w1, w2, w3, tile_rows or DEFAULT_TILE_ROWS, act)
-    with jax.named_scope("dispatch"):
-        xs = dispatch_rows(x, d, k)
-    with jax.named_scope(f"experts_{name}"):
-        a = grouped_matmul(xs, w1, d.group_sizes, backend=name, tile_rows=tile_rows)
-        b = grouped_matmul(xs, w3, d.group_sizes, backend=name, tile_rows=tile_rows)
-        h = act(a) * b
-        ys = grouped_matmul(h, w2, d.group_sizes, backend=name, tile_rows=tile_rows)
-    with jax.named_scope("combine"):
-        return combine_rows(ys, weights, d)

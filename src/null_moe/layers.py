@@ -1,13 +1,15 @@
 """NullRoutedMoE: a Mixtral sparse-MoE block whose router may send any of a token's k slots to null.
 
 The module holds the parameters (router, null logit, experts) and composes the pure stages: routing.py (who
-goes where) -> gmm.expert_mlp (dispatch.py sorting, grouped matmuls, combine; fused on the tiled backend).
+goes where) -> experts.expert_mlp (dispatch.py sorting, grouped matmuls from gmm.py, combine; fused on the
+tiled backend).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+import math
+from typing import Optional
 
 import equinox as eqx
 import haliax as hax
@@ -19,10 +21,9 @@ from haliax.jax_utils import named_call
 from jax.sharding import PartitionSpec
 
 from . import routing as R
-from .config import NullMoEConfig
-from .gmm import expert_mlp, resolve_backend
-
-_ACTIVATIONS: dict[str, Callable] = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+from .config import ACTIVATIONS, NullMoEConfig
+from .experts import expert_mlp
+from .gmm import resolve_backend
 
 
 class ExpertMlp(eqx.Module):
@@ -75,7 +76,7 @@ def _token_partition(token_axes) -> Optional[object]:
 
 
 class NullRoutedMoE(eqx.Module):
-    """Mixtral sparse MoE with null routing (DESIGN.md, Semantics).
+    """Mixtral sparse MoE with null routing (docs/DESIGN.md, "Semantics").
 
     Parameters: ``gate`` Embed -> Experts, ``null_gate`` Embed -> NullLogit (one logit shared by the M null
     copies), ``experts`` (w1, w2, w3). Input x: any axes plus "embed"; every other axis is a token axis.
@@ -100,23 +101,32 @@ class NullRoutedMoE(eqx.Module):
 
     # --- routing -------------------------------------------------------------------------------------------
     def _token_axes(self, x: NamedArray):
+        """x's axes other than "embed", after checking x against the config (before any Haliax op sees it)."""
         Embed = self.config.Embed
+        if not isinstance(x, NamedArray):
+            raise TypeError(f"NullRoutedMoE expects a haliax NamedArray with an '{Embed.name}' axis, got {type(x).__name__}")
         if not x.has_axis(Embed.name):
-            raise ValueError(f"input must have an '{Embed.name}' axis, got axes {x.axes}")
-        if x.resolve_axis(Embed.name).size != Embed.size:
-            raise ValueError(f"input '{Embed.name}' axis has size {x.resolve_axis(Embed.name).size}, config says {Embed.size}")
-        return tuple(ax for ax in x.axes if ax.name != Embed.name)
+            raise ValueError(f"input must have an '{Embed.name}' axis of size hidden_dim={Embed.size}, got axes {x.axes}")
+        size = x.resolve_axis(Embed.name).size
+        if size != Embed.size:
+            raise ValueError(f"input '{Embed.name}' axis has size {size}, but the layer's hidden_dim is {Embed.size}")
+        token_axes = tuple(ax for ax in x.axes if ax.name != Embed.name)
+        if math.prod(ax.size for ax in token_axes) == 0:
+            raise ValueError(f"input has no tokens: token axes {token_axes} have a zero size")
+        return token_axes
 
-    def _real_logits(self, x: NamedArray) -> jax.Array:
-        """[T, N] router logits in f32 (routing decisions in f32 whatever the compute dtype)."""
-        z = self.gate(x).rearrange(self._token_axes(x) + (self.config.Experts,))
+    def router_logits(self, x: NamedArray) -> jax.Array:
+        """[T, N] real router logits in f32 (routing decides in f32 whatever the compute dtype); tokens are x's
+        non-embed axes flattened in order."""
+        token_axes = self._token_axes(x)
+        z = self.gate(x).rearrange(token_axes + (self.config.Experts,))
         return z.array.reshape(-1, self.config.n_routed_experts).astype(jnp.float32)
 
     @named_call
     def route(self, x: NamedArray) -> R.Routing:
         """Learned routing: top-k over N real logits and M copies of the learned null logit."""
         cfg = self.config
-        z = self._real_logits(x)
+        z = self.router_logits(x)
         u = None
         if cfg.num_null:
             u = self.null_gate(x).rearrange(self._token_axes(x) + (cfg.NullLogit,)).array.reshape(-1)
@@ -137,7 +147,7 @@ class NullRoutedMoE(eqx.Module):
         *,
         key=None,
         null_frac: float = 0.0,
-        mode: str = "independent",
+        mode: R.NullMode = "independent",
         renormalize_real: Optional[bool] = None,
         null_mask: Optional[jax.Array] = None,
     ) -> R.Routing:
@@ -148,7 +158,7 @@ class NullRoutedMoE(eqx.Module):
         """
         cfg = self.config
         renorm = cfg.renormalize_real if renormalize_real is None else renormalize_real
-        z = self._real_logits(x)
+        z = self.router_logits(x)
         if null_mask is None:
             if key is None:
                 raise ValueError("route_forced needs a key (or an explicit null_mask)")
@@ -159,23 +169,17 @@ class NullRoutedMoE(eqx.Module):
 
     # --- experts ---------------------------------------------------------------------------------------------
     @named_call
-    def apply(self, x: NamedArray, routing: R.Routing, *, skip_null: bool = True):
-        """Run dispatch, experts and combine for a given routing; returns (y, extras) like ``__call__``.
-
-        skip_null=False is the naive baseline: each null slot is computed by a real expert (its fallback id)
-        with weight 0, so the output is the same but no work is saved.
-        """
+    def apply(self, x: NamedArray, routing: R.Routing):
+        """Run dispatch, experts and combine for a given routing; returns (y, extras) like ``__call__``."""
         cfg = self.config
         token_axes = self._token_axes(x)
         expert_ids = routing.expert_ids
-        if not skip_null:
-            expert_ids = jnp.where(expert_ids >= cfg.n_routed_experts, routing.fallback_ids, expert_ids)
         w1, w2, w3 = self.experts.raw_weights()
         x_tok = x.rearrange(token_axes + (cfg.Embed.name,)).array
         token_shape = x_tok.shape[:-1]
         local = functools.partial(
             _local_experts,
-            act=_ACTIVATIONS[cfg.activation],
+            act=ACTIVATIONS[cfg.activation],
             backend=self.backend,
             tile_rows=cfg.tile_rows,
             fused=cfg.fused_experts,

@@ -7,13 +7,14 @@ slots; slots in descending router score order.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, get_args
 
 import jax
 import jax.numpy as jnp
 
+#: How the benchmark's forced routing nulls slots (see :func:`forced_null_mask`).
 NullMode = Literal["independent", "take_until_null"]
-NULL_MODES: tuple[str, ...] = ("independent", "take_until_null")
+NULL_MODES: tuple[str, ...] = get_args(NullMode)
 
 
 class Routing(NamedTuple):
@@ -21,8 +22,6 @@ class Routing(NamedTuple):
 
     expert_ids: [T, k] int32, real expert id or N for a null slot.
     weights: [T, k] gate weight of each slot, 0 on null slots.
-    fallback_ids: [T, k] int32, a real expert for every slot (the token's top-k real experts in order): where a
-        null slot would have gone in the ``masked_null`` baseline, which computes null slots as zero-weight rows.
     probs: [T, P] router probabilities over the pool the load-balancing loss is taken over (N + M for learned
         routing, N for forced routing).
     logits: [T, P] the logits behind ``probs`` (router z-loss).
@@ -30,7 +29,6 @@ class Routing(NamedTuple):
 
     expert_ids: jax.Array
     weights: jax.Array
-    fallback_ids: jax.Array
     probs: jax.Array
     logits: jax.Array
 
@@ -67,7 +65,11 @@ def learned_routing(
     take_until_null: bool,
     renormalize_real: bool,
 ) -> Routing:
-    """Top-k over the N real logits and M copies of the learned null logit (DESIGN.md, learned routing).
+    """Top-k over the N real logits and M copies of the learned null logit (docs/DESIGN.md, learned routing).
+
+    The M copies share one logit, so they tie: once one enters a token's top-k, every later slot is a copy too
+    while copies remain. With M >= k this is already take-until-null and ``take_until_null`` changes nothing;
+    with M < k it also nulls the real slots ranked after the copies run out.
 
     Args:
         real_logits: [T, N] z = gate(x).
@@ -83,11 +85,10 @@ def learned_routing(
         is_null = _null_after_first_null(is_null)
     expert_ids = jnp.where(is_null, n_real, top_ids).astype(jnp.int32)
     weights = gate_weights(top_probs, is_null, renormalize_real)
-    fallback_ids = jax.lax.top_k(real_logits, k)[1].astype(jnp.int32)
-    return Routing(expert_ids, weights, fallback_ids, probs, logits)
+    return Routing(expert_ids, weights, probs, logits)
 
 
-def slot_null_prob(null_frac: float, k: int, mode: str) -> float:
+def slot_null_prob(null_frac: float, k: int, mode: NullMode) -> float:
     """Per-slot mask probability q that makes the expected null fraction equal ``null_frac``.
 
     independent: q = p. take_until_null: slot j is null iff one of slots 0..j is masked, so the expected null
@@ -122,7 +123,7 @@ def _stratified_uniform(key: jax.Array, num: int, columns: int) -> jax.Array:
     return (strata + jax.random.uniform(k_jit, (num, columns))) / num
 
 
-def forced_null_mask(key: jax.Array, num_tokens: int, k: int, null_frac: float, mode: str) -> jax.Array:
+def forced_null_mask(key: jax.Array, num_tokens: int, k: int, null_frac: float, mode: NullMode) -> jax.Array:
     """[T, k] bool: which slots the benchmark's forced routing sends to null.
 
     independent: each slot null with probability p, stratified per slot column.
@@ -151,7 +152,7 @@ def routing_with_null_mask(real_logits: jax.Array, null_mask: jax.Array, *, reno
     top_ids = top_ids.astype(jnp.int32)
     expert_ids = jnp.where(null_mask, n_real, top_ids)
     weights = gate_weights(top_probs, null_mask, renormalize_real)
-    return Routing(expert_ids, weights, top_ids, probs, real_logits)
+    return Routing(expert_ids, weights, probs, real_logits)
 
 
 def forced_routing(
@@ -160,7 +161,7 @@ def forced_routing(
     *,
     k: int,
     null_frac: float,
-    mode: str,
+    mode: NullMode,
     renormalize_real: bool,
 ) -> Routing:
     """Benchmark routing: stock top-k over the real logits, then a random null mask at the target fraction."""
@@ -170,7 +171,11 @@ def forced_routing(
 
 # --- aux losses and statistics ----------------------------------------------------------------------------------
 def real_assignment_counts(expert_ids: jax.Array, n_real: int) -> jax.Array:
-    """[N] number of slots assigned to each real expert (null slots, id N, are not counted)."""
+    """[N] int32 number of slots assigned to each real expert (null slots, id N, are not counted).
+
+    The one place rows per expert are counted: dispatch's group sizes, the load-balancing loss and the load
+    statistics all read it.
+    """
     one_hot = expert_ids.reshape(-1)[:, None] == jnp.arange(n_real, dtype=expert_ids.dtype)[None, :]
     return jnp.sum(one_hot, axis=0, dtype=jnp.int32)
 

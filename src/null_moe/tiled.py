@@ -8,7 +8,9 @@ Two kernels share :func:`tile_loop`:
 - :func:`tiled_gmm`: y = x @ w[e] per sorted row (custom VJP: dX and dW loop over the same tiles).
 - :func:`tiled_expert_mlp`: the whole gated expert MLP with dispatch and combine fused in. Each tile gathers
   its tokens' rows, runs act(x w1) * (x w3) w2, and scatter-adds gate-weighted results into the [T, D] output,
-  so no [T k, D] dispatch buffer or [T k, F] activation buffer is swept in full; the backward pass is one loop too.
+  so no [T k, D] dispatch buffer is built. The two [T k, F] pre-activations are stashed for the backward pass:
+  those buffers are allocated and zero-filled at full size (a fixed cost per call that does not fall with the
+  null fraction), though only real rows are written or read. The backward pass is one loop too.
 
 Raw arrays only; the layer names axes.
 """
@@ -20,8 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# Measured on the 2-core development CPU (docs/RESULTS.md, "tile size"): 512-row tiles run the per-tile matmul
-# near dense speed (256-row matmuls reach about 0.65 of it); remainders use smaller tiles (see tile_sizes).
+# 512-row tiles run the per-tile matmul near dense speed on the development CPU, smaller ones fall off
+# (docs/RESULTS.md, "tile size"); remainders use smaller tiles (see tile_sizes).
 DEFAULT_TILE_ROWS = 512
 ROUND_UP_FRAC = 0.5
 
@@ -29,8 +31,8 @@ ROUND_UP_FRAC = 0.5
 def tile_sizes(tile_rows: int) -> tuple[int, ...]:
     """Tile heights for one expert's rows, largest first: tile_rows, then tile_rows / 4 (if >= 8) for the rest.
 
-    Measured on the development CPU (docs/RESULTS.md): a third level of 32-row tiles made the layer slower at
-    null 0.5 (many weight-bandwidth-bound small matmuls), so two levels it is.
+    A third level of 32-row tiles made the layer slower at null 0.5 (many weight-bandwidth-bound small
+    matmuls; docs/RESULTS.md, "tile size"), so two levels it is.
     """
     return (tile_rows, tile_rows // 4) if tile_rows // 4 >= 8 else (tile_rows,)
 
@@ -89,7 +91,7 @@ def tile_loop(group_sizes, tile_rows: int, total_rows: int, per_expert, per_tile
 
 def _expert_weight(w, e):
     # The barrier makes XLA copy w[e] out once per expert; without it XLA:CPU fuses the dynamic slice into
-    # every tile's dot and runs at about half of dense speed (measured at 256 and 512-row tiles).
+    # every tile's dot, which runs far below dense speed (docs/RESULTS.md, "tile size").
     return jax.lax.optimization_barrier(jax.lax.dynamic_index_in_dim(w, e, keepdims=False))
 
 
@@ -119,11 +121,9 @@ PLAIN_DOT_MIN_ROWS = 512
 def _dot_rows(xt, w):
     """xt [M, K] @ w [K, N] -> [M, N] in f32, in the operand layout XLA:CPU runs fastest for this tile.
 
-    Measured by ``scripts/bench/probe_cpu.py`` (docs/RESULTS.md, "operand layout"): handing the row tile over
-    transposed, so that the dot contracts over its major axis, runs 128-row tiles about 2x faster (136 vs 62
-    GFLOP/s for 512 -> 1024) and 512-row tiles 1.5x faster for 1024 -> 512 (124 vs 84); only tall tiles that
-    widen (512 rows, 512 -> 1024) are faster as they are (180 vs 150), which lifts the grouped matmul from 0.67
-    to 0.78 of dense speed at 100% real rows (measured in one process).
+    Handing the row tile over transposed, so that the dot contracts over its major axis, runs short tiles and
+    narrowing tiles much faster on XLA:CPU; only tall tiles that widen are faster as they are. The figures are in
+    docs/RESULTS.md ("operand layout"), reproduced by ``scripts/bench/probe_cpu.py``.
     """
     if xt.shape[0] >= PLAIN_DOT_MIN_ROWS and w.shape[1] >= xt.shape[1]:
         return jax.lax.dot_general(xt, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
