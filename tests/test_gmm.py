@@ -102,7 +102,7 @@ def test_rows_past_real_cannot_poison(data):
     np.testing.assert_allclose(dw, dw_ref, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["ragged_dot", "megablox"])
+@pytest.mark.parametrize("backend", ["ragged_dot", "megablox", "triton"])
 def test_guarded_backends_match_and_mask_past_rows(data, backend):
     x, w, cot = data
     gs = jnp.asarray(GROUPS["random_with_empty"], jnp.int32)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from .config import GMM_BACKENDS
 from .tiled import DEFAULT_TILE_ROWS, tiled_gmm
+from .triton_gmm import triton_gmm
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backend choice: the one place that maps a request + platform to what runs.
@@ -150,6 +151,8 @@ def grouped_matmul(
     with jax.named_scope(f"gmm_{name}"):
         if name == "tiled":
             return tiled_gmm(x, w, group_sizes, tile_rows or DEFAULT_TILE_ROWS)
+        if name == "triton":  # exact zeros and zero cotangent past the real rows by construction
+            return triton_gmm(x, w, group_sizes)
         x = _zero_cotangent_past(x, group_sizes)
         out = _GUARDED[name](x, w, group_sizes)
         return jnp.where(_real_row_mask(x.shape[0], group_sizes)[:, None], out, 0)
