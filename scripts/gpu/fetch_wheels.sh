@@ -9,8 +9,7 @@
 #   bash scripts/gpu/fetch_wheels.sh          # haliax and aqtp (what the image lacks)
 #   bash scripts/gpu/fetch_wheels.sh --all    # also equinox, jaxtyping, wadler-lindig, pytest, pluggy, iniconfig
 #
-# wheels/ is kept out of git through .git/info/exclude (this script adds the line), so the working tree that
-# travels to the device machine leaves it behind unless the run names it: run with carry ["wheels/gpu"].
+# wheels/ is git-ignored (.gitignore): copy wheels/gpu/ to the GPU machine along with the working tree.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DEST="$ROOT/wheels/gpu"
@@ -33,13 +32,6 @@ if [ "${1:-}" = "--all" ]; then
 fi
 
 mkdir -p "$DEST"
-EXCLUDE="$(git -C "$ROOT" rev-parse --git-path info/exclude 2>/dev/null || true)"
-if [ -n "$EXCLUDE" ]; then
-  case "$EXCLUDE" in /*) ;; *) EXCLUDE="$ROOT/$EXCLUDE" ;; esac
-  mkdir -p "$(dirname "$EXCLUDE")"
-  grep -qxF '/wheels/' "$EXCLUDE" 2>/dev/null || echo '/wheels/' >> "$EXCLUDE"
-fi
-
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$DEST" "${WHEELS[@]}"
