@@ -4,14 +4,14 @@
     python -m scripts.bench.bench_gmm --tile_rows_list "[64,128,256,512]" --backends "[tiled]"
 
 All figures of one run are ratios against the dense matmul and the 100%-real time measured in the same
-process, timed in interleaved rounds (page_faults: median minor page faults per call). Prints one ``GMM key=value ...`` line per point and a summary.
+process, timed in interleaved rounds (page_faults: median minor page faults per call). Prints one
+``GMM key=value ...`` line per point and a summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import resource
-import time
+import functools
 from typing import List, Optional
 
 import draccus
@@ -19,9 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from null_moe import host_malloc
+from null_moe.config import GmmBackend
 from null_moe.gmm import DEFAULT_TILE_ROWS, grouped_matmul, resolve_backend
-from scripts.bench import host_malloc
-from scripts.bench.timing import compile_fn
+
+from scripts.bench import timer
+from scripts.bench.config import BenchPass, DType, HostMallocMode
 
 
 @dataclasses.dataclass
@@ -31,21 +34,21 @@ class GmmBenchConfig:
     n: int = 1024
     experts: int = 16
     real_fracs: List[float] = dataclasses.field(default_factory=lambda: [1.0, 0.5, 0.1])
-    backends: List[str] = dataclasses.field(default_factory=lambda: ["tiled", "ragged_dot"])
+    backends: List[GmmBackend] = dataclasses.field(default_factory=lambda: ["tiled", "ragged_dot"])
     tile_rows_list: Optional[List[int]] = None  # tiled only; default: [DEFAULT_TILE_ROWS]
-    passes: List[str] = dataclasses.field(default_factory=lambda: ["forward", "forward_backward"])
-    dtype: str = "float32"
+    passes: List[BenchPass] = dataclasses.field(default_factory=lambda: ["forward", "forward_backward"])
+    dtype: DType = "float32"
     warmup: int = 2
     iters: int = 5
     seed: int = 0
-    host_malloc: str = "auto"  # scripts/bench/host_malloc.py
+    host_malloc: HostMallocMode = "auto"  # null_moe.host_malloc
 
 
 def _fwd_bwd(fn, g):
     """(y, dx, dw) of y = fn(x, w, *rest) for the fixed cotangent g.
 
     A VJP with a given cotangent times exactly the forward and backward passes; a scalar loss such as <y, g> would
-    add a reduction over all R x N outputs (about 19 ms here) to every point and skew the ratios.
+    add a reduction over all R x N outputs to every point and skew the ratios.
     """
 
     def run(x, w, *rest):
@@ -59,25 +62,11 @@ def _group_sizes(rng, real_rows, experts):
     return jnp.asarray(rng.multinomial(real_rows, np.full(experts, 1.0 / experts)), jnp.int32)
 
 
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def _interleaved_medians(fns: list, args: list, warmup: int, iters: int) -> tuple[list[float], list[int]]:
-    """Median seconds and minor page faults per call for each function, timed in rounds (one call of each per
-    round) so that drift in the machine's speed lands on every function alike."""
-    compiled = [compile_fn(fn, a)[0] for fn, a in zip(fns, args)]
-    for c, a in zip(compiled, args):
-        for _ in range(warmup):
-            jax.block_until_ready(c(*a))
-    times, faults = [[] for _ in fns], [[] for _ in fns]
-    for _ in range(iters):
-        for i, (c, a) in enumerate(zip(compiled, args)):
-            f0, t0 = _minor_faults(), time.perf_counter()
-            jax.block_until_ready(c(*a))
-            times[i].append(time.perf_counter() - t0)
-            faults[i].append(_minor_faults() - f0)
-    return [float(np.median(t)) for t in times], [int(np.median(f)) for f in faults]
+    """Median seconds and minor page faults per call of each function (scripts/bench/timer.py)."""
+    compiled = [timer.compile_ahead(fn, *a)[0] for fn, a in zip(fns, args)]
+    timings = timer.interleaved([functools.partial(c, *a) for c, a in zip(compiled, args)], warmup=warmup, rounds=iters)
+    return [t.median for t in timings], [t.median_faults for t in timings]
 
 
 def main(cfg: GmmBenchConfig):

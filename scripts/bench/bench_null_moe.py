@@ -4,115 +4,148 @@
     python scripts/bench/bench_null_moe.py --tokens 2048 --topk_list '[2,4]' --null_route_sweep true \\
         --impl '[null_moe,masked_null]' --null_routing_mode both --out_dir out/bench/try
 
-See docs/BENCH.md for every field. Bad input is rejected before any compute with an error naming the field.
+stdout: one RESULT line per point (after its CSV row is on disk), then the summary. stderr: one progress line
+per point. Every mistake in the input, the outputs or the W&B setup is one ``error: <field>: ...`` line on
+stderr and exit code 2, before anything is computed or written. See docs/BENCH.md.
 """
 
+from __future__ import annotations
 
 import datetime
 import os
 import sys
+import time
 
 if __package__ in (None, ""):  # run as a file: make `scripts.bench` and `null_moe` importable
     _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path.insert(0, _ROOT)
     sys.path.insert(1, os.path.join(_ROOT, "src"))
 
-import draccus
-
 from typing import Optional
 
+from null_moe import host_malloc
+
 from scripts.bench import config as bconfig
-from scripts.bench import host_malloc
+from scripts.bench import points as bpoints, schema, store, wandb_log
 from scripts.bench.config import BenchConfig, BenchConfigError
 
 
-def _log(msg: str) -> None:
+def _out(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def prepare(cfg: BenchConfig):
-    """Validate, expand and memory-check the sweep (no compute). Raises BenchConfigError naming the field."""
-    bconfig.validate(cfg)
-    points = bconfig.expand(cfg)
-    bconfig.check_memory(cfg, points)
-    return points
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _batches(todo: list, interleave: bool) -> list[list]:
-    """Consecutive points that share one compiled step (scripts.bench.timing.group_key) form one batch, timed in
-    interleaved rounds; everything else, or everything when ``interleave`` is off, runs alone."""
-    from scripts.bench import timing
+class Progress:
+    """One stderr line per finished point: ``[i/n] point: time, tokens/s | elapsed, eta``."""
 
-    batches: list[list] = []
-    for pt in todo:
-        key = timing.group_key(pt) if interleave else None
-        if batches and key is not None and timing.group_key(batches[-1][0]) == key and interleave:
-            batches[-1].append(pt)
-        else:
-            batches.append([pt])
-    return batches
+    def __init__(self, total: int, already: int):
+        self.total, self.done, self.start, self.ran = total, already, time.perf_counter(), 0
+
+    def point(self, row: dict) -> None:
+        self.done += 1
+        self.ran += 1
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.ran * (self.total - self.done)
+        width = len(str(self.total))
+        label = bpoints.point_label(row["shape"], row["topk"], row["impl"], row["null_mode"], row["null_target"])
+        print(f"[{self.done:>{width}}/{self.total}] {label}: {row['time_s']:.4g} s, {row['tokens_per_s']:,.0f} "
+              f"tokens/s | {_duration(elapsed)} elapsed, eta {_duration(eta)}", file=sys.stderr, flush=True)
+
+
+def prepare(cfg: BenchConfig) -> tuple[BenchConfig, list[bpoints.Point]]:
+    """Everything that can be checked without computing or writing anything: the config's types and choices (as
+    draccus checks them), every point's values (through the layer's config), out_dir and the CSV, W&B, and the
+    memory estimate of the points still to run. Raises BenchConfigError naming the field."""
+    cfg = bconfig.normalize(cfg)
+    points = bpoints.expand(cfg)
+    store.check_out_dir(cfg.out_dir)
+    csv_store = store.ResultsCSV(os.path.join(cfg.out_dir, cfg.csv_name))
+    csv_store.check()
+    if not cfg.dry_run:
+        wandb_log.preflight(cfg)
+        done = csv_store.done_keys()
+        bpoints.check_memory(cfg, [p for p in points if p.key not in done])
+    return cfg, points
+
+
+def _catch_up_wandb(cfg: BenchConfig, rows: list[dict], group: str, mode: str) -> None:
+    """Log the sweep's finished points that have no W&B run in this mode yet (from their CSV rows)."""
+    if mode == "disabled":
+        return
+    logged = wandb_log.Ledger(cfg.out_dir).logged(mode)
+    missing = [r for r in rows if r["point_key"] not in logged]
+    if missing:
+        _out(f"bench: logging {len(missing)} finished point(s) to W&B ({mode}) that have no run there yet")
+        for row in missing:
+            wandb_log.log_row(cfg, row, group, mode)
 
 
 def run(cfg: BenchConfig) -> list[dict]:
-    """Run the sweep; returns the typed CSV rows of this sweep (resumed ones included)."""
-    points = prepare(cfg)
-    sweep = bconfig.sweep_hash(points)
+    """Run the sweep; returns the typed rows of this sweep (resumed ones included)."""
+    cfg, points = prepare(cfg)
+    sweep = bpoints.sweep_hash(points)
     group = cfg.wandb.group or f"bench-{sweep}"
-
-    from scripts.bench import report
-
+    mode = cfg.wandb.resolved_mode()
     csv_path = os.path.join(cfg.out_dir, cfg.csv_name)
-    store = report.ResultsCSV(csv_path)
-    done = store.done_keys()
+    results = store.ResultsCSV(csv_path)
+    done = results.done_keys()
     todo = [p for p in points if p.key not in done]
-    _log(
-        f"bench: {len(points)} points ({len(points) - len(todo)} already in {csv_path}), sweep={sweep}, "
-        f"group={group}, wandb={cfg.wandb.resolved_mode() if cfg.wandb.enabled else 'disabled'}"
-    )
+    _out(f"bench: {len(points)} points ({len(points) - len(todo)} already in {csv_path}), sweep={sweep}, "
+         f"group={group}, wandb={mode}")
     if cfg.dry_run:
         for p in points:
-            _log(f"POINT {p.label} key={p.key} {'done' if p.key in done else 'todo'} "
-                 f"est_gib={bconfig.estimate_bytes(p) / 2**30:.2f}")
+            _out(f"POINT {p.label} key={p.key} {'done' if p.key in done else 'todo'} "
+                 f"est_gib={bpoints.estimate_bytes(p) / 2**30:.2f}")
         return []
 
     import jax
 
-    from scripts.bench import timing, wandb_log
+    from scripts.bench import report, runner
 
-    _log(f"bench: jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
-         f"{len(jax.devices())} device(s), host_malloc={host_malloc.current_mode()}")
+    results.open()
+    dev = jax.devices()[0]
+    _out(f"bench: jax {jax.__version__} on {dev.platform} ({dev.device_kind}), {len(jax.devices())} device(s), "
+         f"host_malloc={host_malloc.current_mode()}")
     for i, pt in enumerate(points):
         if pt.key in done:
-            _log(f"SKIP {i + 1}/{len(points)} {pt.label} key={pt.key} (already in {csv_path})")
-    for batch in _batches([p for p in todo], cfg.interleave):
-        # a batch's rows land together once it is timed; a crash loses at most the batch in flight
-        results = timing.run_group(batch) if len(batch) > 1 else [timing.run_point(batch[0])]
-        for result in results:
-            ts = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            row = report.make_row(result, sweep, ts)
-            _log(report.result_line(row))
-            store.append(row)
-            wandb_log.log_point(cfg, row, result, group)
-
+            _out(f"SKIP {i + 1}/{len(points)} {pt.label} key={pt.key} (already in {csv_path})")
     keys = {p.key for p in points}
-    rows = [report.typed(r) for r in store.read() if r["point_key"] in keys]
-    _log("")
-    _log(report.summary_table(rows))
+    _catch_up_wandb(cfg, [r for r in results.read() if r["point_key"] in keys], group, mode)
+
+    progress = Progress(len(points), len(points) - len(todo))
+    for batch in runner.batches(todo, cfg.interleave):
+        # a batch's rows land together once it is timed: a crash loses at most the batch in flight
+        for result in runner.run_batch(batch):
+            ts = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            row = schema.make_row(result, sweep=sweep, timestamp=ts, host_malloc=host_malloc.current_mode())
+            results.append(row)  # durable before its number is shown anywhere
+            _out(schema.result_line(row))
+            progress.point(row)
+            if mode != "disabled":
+                wandb_log.log_row(cfg, row, group, mode)
+
+    rows = [r for r in results.read() if r["point_key"] in keys]
+    _out()
+    _out(report.summary_table(rows))
     md = report.anchor_style_markdown(rows)
     if md:
-        _log("\nnull_moe in the layout of the TPU anchor table (markdown):\n" + md + "\n")
+        _out("\nnull_moe in the layout of the TPU anchor table (markdown):\n" + md + "\n")
     if cfg.plots:
         for path in report.make_plots(rows, cfg.out_dir):
-            _log(f"PLOT {path}")
-    _log(f"CSV {csv_path}")
+            _out(f"PLOT {path}")
+    _out(f"CSV {csv_path}")
     return rows
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    cfg = draccus.parse(config_class=BenchConfig, args=args)
     try:
-        bconfig.validate(cfg)
-        # before any JAX work: the allocator tunables are read at process start (scripts/bench/host_malloc.py)
+        cfg = bconfig.parse(args)
+        cfg, _ = prepare(cfg)
+        # before any JAX work: the allocator tunables are read at process start (host_malloc)
         host_malloc.reexec_if_needed(cfg.host_malloc)
         run(cfg)
     except BenchConfigError as e:

@@ -9,15 +9,15 @@ interleaved rounds (one call of each per round); medians per step, ratios agains
 from __future__ import annotations
 
 import dataclasses
-import time
+import functools
 
 import equinox as eqx
 import haliax as hax
 import jax
-import numpy as np
 
 from null_moe import NullMoEConfig, NullRoutedMoE
-from scripts.bench import host_malloc
+from null_moe import host_malloc
+from scripts.bench import timer
 
 NULL_FRACS = (0.0, 0.5, 0.9)
 
@@ -37,15 +37,9 @@ def main(rounds: int = 5):
         layer = dataclasses.replace(layer0, config=dataclasses.replace(base, fused_experts=fused))
         for p in NULL_FRACS:
             routing = layer.route_forced(x, key=jax.random.PRNGKey(2), null_frac=p)
-            jax.block_until_ready(step(layer, x, routing))
-            cases.append((fused, p, (layer, x, routing)))
-    times = {(f, p): [] for f, p, _ in cases}
-    for _ in range(rounds):
-        for fused, p, args in cases:
-            t0 = time.perf_counter()
-            jax.block_until_ready(step(*args))
-            times[(fused, p)].append(time.perf_counter() - t0)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+            cases.append(((fused, p), functools.partial(step, layer, x, routing)))
+    timings = timer.interleaved([call for _, call in cases], warmup=1, rounds=rounds)
+    med = {case: t.median for (case, _), t in zip(cases, timings)}
     print(f"host_malloc={host_malloc.current_mode()} rounds={rounds} device={jax.devices()[0].device_kind}")
     for fused in (True, False):
         cells = " ".join(f"{p}: {med[(fused, p)]:.3f}s ({med[(fused, p)] / med[(fused, 0.0)]:.3f})" for p in NULL_FRACS)

@@ -1,51 +1,56 @@
-"""Bench config (a draccus dataclass), its validation, and its expansion into sweep points.
+"""The bench's command line: ``BenchConfig`` (a draccus dataclass) and ``parse``, which turns every mistake into a
+one-line ``BenchConfigError``.
 
-Every field is settable from YAML (``--config_path``) and from flags (``--tokens 4096``,
-``--topk_list '[2,4,8]'``, ``--wandb.mode online``, ``--shapes '[{tokens: 512, hidden: 64, mlp_dim: 128,
-experts: 8}]'``). ``validate`` raises ``BenchConfigError`` (a ValueError) naming the offending field before any
-compute; the memory check (``check_memory``) runs on the expanded points, also before any compute.
+The fields speak the vocabulary of the seed harness (``tokens``, ``hidden``, ``mlp_dim``, ``experts``, ``topk``,
+``null_route_frac_list``, ...); scripts/bench/points.py is the one place that translates them to the layer's
+``NullMoEConfig``. Every field is settable from YAML (``--config_path``) and from flags (``--tokens 4096``,
+``--topk_list '[2,4,8]'``, ``--wandb.mode online``). Choices are ``Literal`` types, so draccus itself rejects a
+bad one; each field's help text (``--help``, and the table in docs/BENCH.md) is the ``help`` given here.
 """
 
+from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
-import hashlib
-import json
-import math
-import os
-from typing import Optional
+import difflib
+import io
+import re
+from typing import Any, Literal, Optional
 
-from scripts.bench.host_malloc import HOST_MALLOC_MODES
+from null_moe.config import GmmBackend
+from null_moe.host_malloc import HostMalloc
+from null_moe.routing import NullMode
 
-IMPLS = ("null_moe", "stock_levanter", "masked_null")
-MODES = ("independent", "take_until_null")
-NULL_MODES = MODES + ("both",)
-ROUTINGS = ("forced", "learned")
-PASSES = ("forward", "forward_backward")
-DTYPES = ("float32", "bfloat16")
-BACKENDS = ("auto", "tiled", "megablox", "tokamax", "ragged_dot")
-WANDB_MODES = ("offline", "online", "disabled")
-NULL_SWEEP = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+Impl = Literal["null_moe", "masked_null", "stock_levanter"]
+NullRoutingMode = Literal[NullMode, "both"]
+RoutingKind = Literal["forced", "learned"]
+BenchPass = Literal["forward", "forward_backward"]
+DType = Literal["float32", "bfloat16"]
+HostMallocMode = Literal["auto", HostMalloc]
+WandbMode = Literal["offline", "online", "disabled"]
 
 
 class BenchConfigError(ValueError):
-    """Bad bench input; the message names the field."""
+    """Bad bench input, found before any compute; the message starts with the field it is about."""
+
+
+def _opt(default: Any, help: str):
+    """A dataclass field with its help text (shown by --help, with the default)."""
+    meta = {"help": help, "custom_args": {"help": help.replace("%", "%%")}}  # argparse formats help with %
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass
-class ShapeConfig:
-    """One matrix entry: a layer shape, optionally with its own sweep axes and timing settings (None: inherit
-    the top level)."""
+class LayerShape:
+    """T, D, F, N of one layer shape."""
 
-    tokens: int = 4096
-    hidden: int = 512
-    mlp_dim: int = 1024
-    experts: int = 16
-    topk_list: Optional[list[int]] = None
-    null_route_frac_list: Optional[list[float]] = None
-    impl: Optional[list[str]] = None
-    warmup: Optional[int] = None
-    iters: Optional[int] = None
-    split_forward_backward: Optional[bool] = None
+    tokens: int = _opt(4096, "T, tokens per step")
+    hidden: int = _opt(512, "D, the embed size")
+    mlp_dim: int = _opt(1024, "F, each expert's hidden size")
+    experts: int = _opt(16, "N, real experts")
 
     @property
     def name(self) -> str:
@@ -53,319 +58,178 @@ class ShapeConfig:
 
 
 @dataclasses.dataclass
-class WandbConfig:
-    """W&B logging: one run per sweep point, all points of a sweep in one ``group``."""
+class ShapeConfig(LayerShape):
+    """One matrix entry: a layer shape, optionally with its own sweep axes and timing (null: inherit the top level)."""
 
-    enabled: bool = True
-    project: str = "null-moe-bench"
-    entity: Optional[str] = None
-    mode: Optional[str] = None  # offline | online | disabled; None: $WANDB_MODE, else offline
-    group: Optional[str] = None  # None: "bench-<sweep hash>"
-    tags: list[str] = dataclasses.field(default_factory=list)
+    topk_list: Optional[list[int]] = _opt(None, "k values for this shape")
+    null_route_frac_list: Optional[list[float]] = _opt(None, "null fractions for this shape")
+    impl: Optional[list[Impl]] = _opt(None, "implementations for this shape")
+    warmup: Optional[int] = _opt(None, "warmup calls for this shape")
+    iters: Optional[int] = _opt(None, "timed calls for this shape")
+    split_forward_backward: Optional[bool] = _opt(None, "forward / backward split for this shape")
+
+
+@dataclasses.dataclass
+class WandbConfig:
+    """W&B: one run per sweep point, all points of a sweep in one group."""
+
+    enabled: bool = _opt(True, "log each point to W&B")
+    project: str = _opt("null-moe-bench", "W&B project")
+    entity: Optional[str] = _opt(None, "W&B entity (null: your default)")
+    mode: Optional[WandbMode] = _opt(None, "offline, online or disabled; null: $WANDB_MODE, else offline. online needs "
+                                           "credentials (`wandb login`), checked before any compute")
+    group: Optional[str] = _opt(None, "run group; null: bench-<hash of the sweep's points>")
+    tags: list[str] = _opt([], "run tags")
 
     def resolved_mode(self) -> str:
+        """The mode that runs: ``disabled`` when not enabled, else the field, $WANDB_MODE or offline."""
+        import os
+
+        if not self.enabled:
+            return "disabled"
         return self.mode or os.environ.get("WANDB_MODE") or "offline"
 
 
 @dataclasses.dataclass
-class BenchConfig:
-    """Null-routing sweep of one NullRoutedMoE layer in isolation (see docs/BENCH.md)."""
+class BenchConfig(LayerShape):
+    """A null-routing sweep of one NullRoutedMoE layer (docs/BENCH.md); tokens..experts: the shape if no `shapes`."""
 
-    # single shape (used when `shapes` is empty)
-    tokens: int = 4096
-    hidden: int = 512
-    mlp_dim: int = 1024
-    experts: int = 16
-    topk: int = 4
-    topk_list: list[int] = dataclasses.field(default_factory=list)  # non-empty: overrides topk
-    # null fraction: null_route_sweep > null_route_frac_list > null_route_frac
-    null_route_frac: float = 0.0
-    null_route_frac_list: list[float] = dataclasses.field(default_factory=list)
-    null_route_sweep: bool = False  # 0.0 baseline + 0.1 .. 0.9
-    null_routing_mode: str = "independent"  # independent | take_until_null | both
-    routing: str = "forced"  # forced (mask at the target fraction) | learned (the layer's router)
-    renormalize_real_after_null: bool = True
-    bench_pass: str = "forward_backward"  # forward | forward_backward
-    split_forward_backward: bool = False  # forward_backward: also time forward alone (fwd / bwd split)
-    impl: list[str] = dataclasses.field(default_factory=lambda: ["null_moe"])
-    backend: str = "auto"  # NullMoEConfig.gmm_backend
-    fused_experts: bool = True  # NullMoEConfig.fused_experts (tiled backend: one fused loop vs gmm x3)
-    tile_rows: Optional[int] = None  # NullMoEConfig.tile_rows (row tile of the CPU "tiled" backend); None: default
-    dtype: str = "float32"
-    warmup: int = 2
-    iters: int = 5
-    seed: int = 0
-    shapes: list[ShapeConfig] = dataclasses.field(default_factory=list)
-    out_dir: str = "out/bench"
-    csv_name: str = "results.csv"
-    plots: bool = True
-    max_memory_gb: Optional[float] = None  # None: 80 percent of available memory (device memory on GPU/TPU)
-    dry_run: bool = False  # validate and list the points, run nothing
-    # host allocator (scripts/bench/host_malloc.py): resident keeps freed buffers mapped (no per-call page
-    # faults); auto = resident when JAX runs on the CPU only, default when an accelerator may be used
-    host_malloc: str = "auto"
-    # time the points that share one compiled step (forced routing: every null fraction and mode of a shape,
-    # topk and impl) in interleaved rounds, so their ratios survive drift in the machine's speed
-    interleave: bool = True
-    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
-
-
-@dataclasses.dataclass(frozen=True)
-class Point:
-    """One sweep point: everything that determines a measurement."""
-
-    tokens: int
-    hidden: int
-    mlp_dim: int
-    experts: int
-    topk: int
-    impl: str
-    null_target: float
-    null_mode: str
-    routing: str
-    bench_pass: str
-    renormalize: bool
-    backend: str
-    tile_rows: Optional[int]
-    fused: bool
-    dtype: str
-    warmup: int
-    iters: int
-    seed: int
-    split: bool
-
-    @property
-    def shape(self) -> str:
-        return f"{self.tokens}x{self.hidden}x{self.mlp_dim}x{self.experts}"
-
-    @property
-    def key(self) -> str:
-        """Stable id of the measurement: same config, same key (used to resume from the CSV)."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha1(blob.encode()).hexdigest()[:12]
-
-    @property
-    def label(self) -> str:
-        return f"{self.shape}_k{self.topk}_{self.impl}_{self.null_mode}_p{self.null_target:.2f}"
+    topk: int = _opt(4, "k, slots per token (1 <= k <= experts)")
+    topk_list: list[int] = _opt([], "k values to sweep; non-empty overrides topk")
+    null_route_frac: float = _opt(0.0, "target null fraction p in [0, 1)")
+    null_route_frac_list: list[float] = _opt([], "null fractions to sweep; non-empty overrides null_route_frac")
+    null_route_sweep: bool = _opt(False, "sweep 0.0 (the baseline), 0.1 .. 0.9; overrides both of the above")
+    null_routing_mode: NullRoutingMode = _opt("independent", "which slots go null: independent, take_until_null "
+                                                            "(every slot after a token's first null one), or both")
+    routing: RoutingKind = _opt("forced", "forced: stock top-k, then a random null mask at the target fraction; "
+                                          "learned: the layer's own router with null_route_frac = p")
+    renormalize_real_after_null: bool = _opt(True, "real gate weights renormalized over the real slots")
+    bench_pass: BenchPass = _opt("forward_backward", "what one timed step runs; forward_backward takes "
+                                                     "gradients for every weight and the input")
+    split_forward_backward: bool = _opt(False, "with forward_backward, also time the forward alone "
+                                               "(time_fwd_s, time_bwd_s, a split plot)")
+    impl: list[Impl] = _opt(["null_moe"], "null_moe: this layer; masked_null: null slots computed by a real expert "
+                                         "with weight 0; stock_levanter: Levanter's MixtralSparseMoeBlock, null 0 only")
+    backend: GmmBackend = _opt("auto", "grouped-matmul backend (the layer's gmm_backend); the one that ran is "
+                                       "reported as backend")
+    fused_experts: bool = _opt(True, "tiled backend: one fused kernel per real tile, or dispatch -> gmm x3 -> "
+                                     "combine")
+    tile_rows: Optional[int] = _opt(None, "row tile of the tiled backend (a multiple of 8); null: its default")
+    dtype: DType = _opt("float32", "weights and activations (routing decides in f32)")
+    warmup: int = _opt(2, "untimed calls of each point before timing")
+    iters: int = _opt(5, "timed calls of each point (the median is reported)")
+    seed: int = _opt(0, "seed of the weights, the input and the null mask")
+    shapes: list[ShapeConfig] = _opt([], "matrix entries {tokens, hidden, mlp_dim, experts}, each with optional "
+                                         "topk_list, null_route_frac_list, impl, warmup, iters, "
+                                         "split_forward_backward; empty: the single shape above")
+    out_dir: str = _opt("out/bench", "where the CSV, the plots and the W&B runs go")
+    csv_name: str = _opt("results.csv", "the CSV's file name in out_dir")
+    plots: bool = _opt(True, "write the plots at the end")
+    max_memory_gb: Optional[float] = _opt(None, "memory limit of the pre-flight check; null: 80% of available "
+                                                "memory (accelerator memory on GPU/TPU)")
+    dry_run: bool = _opt(False, "check and list the points, run nothing")
+    host_malloc: HostMallocMode = _opt("auto", "resident: re-execute with glibc tunables so XLA:CPU's per-call "
+                                               "buffers are not page-faulted in each call; default: leave malloc "
+                                               "alone; auto: resident when JAX runs on the CPU only")
+    interleave: bool = _opt(True, "time the points that share one compiled step (forced routing: every null "
+                                  "fraction and mode of a shape, topk and impl) in interleaved rounds")
+    wandb: WandbConfig = _opt(WandbConfig(), "W&B logging (fields below)")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+# --- parsing: every mistake as one line ------------------------------------------------------------------------
 
 
-def _check_positive_int(field: str, value) -> None:
-    if not _is_int(value) or value < 1:
-        raise BenchConfigError(f"{field} must be a positive integer, got {value!r}")
+def _dotted(path) -> str:
+    """draccus's path ('shapes', '0', 'impl') -> 'shapes[0].impl'."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if str(part).isdigit() else (f".{part}" if out else str(part))
+    return out
 
 
-def _check_null(field: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value < 1.0:
-        raise BenchConfigError(f"{field} must be in [0, 1), got {value!r}")
+def _decoding_message(path, message: str) -> str:
+    """One line from a draccus DecodingError: the field path first, then what was wrong."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    where = _dotted(path)
+    inner = re.match(r"^(?:[\w\[\]., ]+: )?`([^`]*)`: (.*)$", last)
+    if inner:  # a union's member reports its own sub-path
+        where += _dotted(inner.group(1).split("."))
+        last = inner.group(2)
+    last = re.sub(r" \(<class '[^']*'>\)", "", last)
+    last = re.sub(r"^[\w\[\]., ]+?: (?=Cannot convert)", "", last)  # a union member's type name
+    choice = re.match(r"Cannot convert (.*) into one of: (.*)$", last)
+    if choice:
+        last = f"must be one of [{choice.group(2)}], got {choice.group(1)}"
+    unknown = re.match(r"The fields (.*) are not valid for (\w+)", last)
+    if unknown:
+        cls = {c.__name__: c for c in (BenchConfig, ShapeConfig, WandbConfig)}.get(unknown.group(2))
+        names = [f.name for f in dataclasses.fields(cls)] if cls else []
+        hints = []
+        for bad in re.findall(r"`([^`]*)`", unknown.group(1)):
+            close = difflib.get_close_matches(bad, names, n=1)
+            hints.append(f"{bad} (did you mean {close[0]}?)" if close else bad)
+        last = f"unknown field {', '.join(hints)}"
+        where = where or "config_path"  # at the top level only a YAML file can name an unknown field
+    return f"{where}: {last}" if where else last
 
 
-def _check_choice(field: str, value, choices) -> None:
-    if value not in choices:
-        raise BenchConfigError(f"{field} must be one of {list(choices)}, got {value!r}")
+def normalize(cfg: BenchConfig) -> BenchConfig:
+    """The config as draccus would have parsed it: a config built in Python gets the same type and choice checks
+    (and the same messages) as one from the command line. Raises BenchConfigError."""
+    import draccus
+    from draccus.utils import DecodingError
 
-
-def shape_entries(cfg: BenchConfig) -> list[tuple[str, ShapeConfig]]:
-    """(field name for errors, shape) pairs: the `shapes` list, or the top-level single shape."""
-    if cfg.shapes:
-        return [(f"shapes[{i}]", s) for i, s in enumerate(cfg.shapes)]
-    single = ShapeConfig(tokens=cfg.tokens, hidden=cfg.hidden, mlp_dim=cfg.mlp_dim, experts=cfg.experts)
-    return [("", single)]
-
-
-def null_fracs(cfg: BenchConfig, shape: ShapeConfig) -> list[float]:
-    if shape.null_route_frac_list is not None:
-        return list(shape.null_route_frac_list)
-    if cfg.null_route_sweep:
-        return list(NULL_SWEEP)
-    if cfg.null_route_frac_list:
-        return list(cfg.null_route_frac_list)
-    return [cfg.null_route_frac]
-
-
-def topks(cfg: BenchConfig, shape: ShapeConfig) -> list[int]:
-    if shape.topk_list is not None:
-        return list(shape.topk_list)
-    return list(cfg.topk_list) if cfg.topk_list else [cfg.topk]
-
-
-def validate(cfg: BenchConfig) -> None:
-    """Raise BenchConfigError naming the field for any bad input. Runs before any compute."""
-    _check_choice("null_routing_mode", cfg.null_routing_mode, NULL_MODES)
-    _check_choice("routing", cfg.routing, ROUTINGS)
-    _check_choice("bench_pass", cfg.bench_pass, PASSES)
-    _check_choice("backend", cfg.backend, BACKENDS)
-    _check_choice("dtype", cfg.dtype, DTYPES)
-    _check_choice("host_malloc", cfg.host_malloc, HOST_MALLOC_MODES)
-    _check_choice("wandb.mode", cfg.wandb.resolved_mode(), WANDB_MODES)
-    if not isinstance(cfg.impl, list) or not cfg.impl:
-        raise BenchConfigError(f"impl must be a non-empty list of {list(IMPLS)}, got {cfg.impl!r}")
-    for i, name in enumerate(cfg.impl):
-        _check_choice(f"impl[{i}]", name, IMPLS)
-    if not _is_int(cfg.warmup) or cfg.warmup < 0:
-        raise BenchConfigError(f"warmup must be a non-negative integer, got {cfg.warmup!r}")
-    _check_positive_int("iters", cfg.iters)
-    if not _is_int(cfg.seed):
-        raise BenchConfigError(f"seed must be an integer, got {cfg.seed!r}")
-    if cfg.max_memory_gb is not None and not cfg.max_memory_gb > 0:
-        raise BenchConfigError(f"max_memory_gb must be > 0 or null, got {cfg.max_memory_gb!r}")
-    if cfg.tile_rows is not None and (not _is_int(cfg.tile_rows) or cfg.tile_rows < 8 or cfg.tile_rows % 8):
-        raise BenchConfigError(f"tile_rows must be a positive multiple of 8 or null, got {cfg.tile_rows!r}")
-    if not isinstance(cfg.fused_experts, bool):
-        raise BenchConfigError(f"fused_experts must be true or false, got {cfg.fused_experts!r}")
-    if not cfg.out_dir:
-        raise BenchConfigError("out_dir must be a non-empty path")
-    # top-level lists (checked even when every shape overrides them: a typo should not pass silently)
-    _check_positive_int("topk", cfg.topk)
-    for i, k in enumerate(cfg.topk_list):
-        _check_positive_int(f"topk_list[{i}]", k)
-    _check_null("null_route_frac", cfg.null_route_frac)
-    for i, p in enumerate(cfg.null_route_frac_list):
-        _check_null(f"null_route_frac_list[{i}]", p)
-    for prefix, shape in shape_entries(cfg):
-        pre = f"{prefix}." if prefix else ""
-        for name in ("tokens", "hidden", "mlp_dim", "experts"):
-            _check_positive_int(pre + name, getattr(shape, name))
-        if shape.impl is not None:
-            if not shape.impl:
-                raise BenchConfigError(f"{pre}impl must be a non-empty list or null")
-            for i, name in enumerate(shape.impl):
-                _check_choice(f"{pre}impl[{i}]", name, IMPLS)
-        if shape.warmup is not None and (not _is_int(shape.warmup) or shape.warmup < 0):
-            raise BenchConfigError(f"{pre}warmup must be a non-negative integer, got {shape.warmup!r}")
-        if shape.iters is not None:
-            _check_positive_int(pre + "iters", shape.iters)
-        if shape.null_route_frac_list is not None:
-            if not shape.null_route_frac_list:
-                raise BenchConfigError(f"{pre}null_route_frac_list must be non-empty or null")
-            for i, p in enumerate(shape.null_route_frac_list):
-                _check_null(f"{pre}null_route_frac_list[{i}]", p)
-        if shape.topk_list is not None:
-            ks, kfield = shape.topk_list, pre + "topk_list"
-            if not ks:
-                raise BenchConfigError(f"{kfield} must be non-empty or null")
-        elif cfg.topk_list:
-            ks, kfield = cfg.topk_list, "topk_list"
-        else:
-            ks, kfield = [cfg.topk], "topk"
-        for i, k in enumerate(ks):
-            name = kfield if kfield == "topk" else f"{kfield}[{i}]"
-            _check_positive_int(name, k)
-            if k > shape.experts:
-                where = f"{pre}experts" if pre else "experts"
-                raise BenchConfigError(f"{name}={k} is greater than {where}={shape.experts} (top-k must be <= experts)")
-
-
-def expand(cfg: BenchConfig) -> list[Point]:
-    """All sweep points in run order: shape, topk, impl, mode, null fraction.
-
-    The null 0.0 baseline is the same computation in both modes, so with ``null_routing_mode: both`` it is
-    measured once (labelled ``independent``) and serves as the baseline of both modes. ``stock_levanter``
-    has no null routing: it runs at null 0.0 only (other fractions are skipped, not errors).
-    """
-    modes = list(MODES) if cfg.null_routing_mode == "both" else [cfg.null_routing_mode]
-    points: list[Point] = []
-    seen: set[str] = set()
-    for _, shape in shape_entries(cfg):
-        impls = shape.impl if shape.impl is not None else cfg.impl
-        for k in topks(cfg, shape):
-            for impl in impls:
-                for mode in modes:
-                    for p in null_fracs(cfg, shape):
-                        p = float(p)
-                        if impl == "stock_levanter" and p != 0.0:
-                            continue
-                        m = modes[0] if p == 0.0 else mode
-                        pt = Point(
-                            tokens=shape.tokens, hidden=shape.hidden, mlp_dim=shape.mlp_dim,
-                            experts=shape.experts, topk=int(k), impl=impl, null_target=p, null_mode=m,
-                            routing=cfg.routing, bench_pass=cfg.bench_pass,
-                            renormalize=cfg.renormalize_real_after_null, backend=cfg.backend,
-                            tile_rows=cfg.tile_rows, fused=bool(cfg.fused_experts), dtype=cfg.dtype,
-                            warmup=shape.warmup if shape.warmup is not None else cfg.warmup,
-                            iters=shape.iters if shape.iters is not None else cfg.iters,
-                            seed=cfg.seed,
-                            split=bool(
-                                (cfg.split_forward_backward if shape.split_forward_backward is None
-                                 else shape.split_forward_backward) and cfg.bench_pass == "forward_backward"
-                            ),
-                        )
-                        if pt.key not in seen:
-                            seen.add(pt.key)
-                            points.append(pt)
-    if not points:
-        raise BenchConfigError("the sweep is empty (impl: stock_levanter runs at null_route_frac 0.0 only)")
-    return points
-
-
-def sweep_hash(points: list[Point]) -> str:
-    return hashlib.sha1(",".join(sorted(p.key for p in points)).encode()).hexdigest()[:8]
-
-
-# --- memory check --------------------------------------------------------------------------------------------
-
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-
-
-def estimate_bytes(pt: Point) -> int:
-    """Rough peak bytes of one point: params (+ grads), and T k dispatched rows x max(D, F) x a few.
-
-    Forward keeps about 4 row-sized buffers live (sorted x, h1, h3, out); forward+backward about 10 (saved
-    activations plus their cotangents). Token-sized buffers (x, y, dx) and the router are small next to it.
-    """
-    b = _DTYPE_BYTES[pt.dtype]
-    d, f, n, t, k = pt.hidden, pt.mlp_dim, pt.experts, pt.tokens, pt.topk
-    params = (3 * n * d * f + 2 * d * n) * b
-    fb = pt.bench_pass == "forward_backward"
-    rows = t * k * max(d, f) * b * (10 if fb else 4)
-    tokens = t * d * b * (6 if fb else 3)
-    return int(params * (3 if fb else 1) + rows + tokens)
-
-
-def available_memory_bytes() -> tuple[int, str]:
-    """(bytes, where): the accelerator's memory limit when JAX runs on one, else the host's MemAvailable."""
     try:
-        import jax
+        return draccus.decode(BenchConfig, draccus.encode(cfg))
+    except DecodingError as e:
+        raise BenchConfigError(_decoding_message(e.key_path, e.message)) from None
 
-        dev = jax.devices()[0]
-        if dev.platform != "cpu":
-            stats = dev.memory_stats() or {}
-            if "bytes_limit" in stats:
-                return int(stats["bytes_limit"]), f"{dev.platform} memory"
-    except Exception:  # pragma: no cover - no usable backend
-        pass
+
+def _flags() -> list[str]:
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            yield prefix + f.name
+            if f.name == "wandb":
+                yield from walk(WandbConfig, "wandb.")
+
+    return [f"--{name}" for name in walk(BenchConfig, "")]
+
+
+def _argparse_message(stderr: str) -> str:
+    """argparse's usage + 'prog: error: ...' -> the error alone, with a hint for a misspelled flag."""
+    err = next((ln.split(": error: ", 1)[1] for ln in stderr.splitlines() if ": error: " in ln), stderr.strip())
+    choice = re.match(r"argument --(\S+): invalid choice: (.*) \(choose from (.*)\)$", err)
+    if choice:
+        return f"{choice.group(1)}: must be one of [{choice.group(3).replace(chr(39), '')}], got {choice.group(2)}"
+    unknown = re.match(r"unrecognized arguments: (.*)", err)
+    if unknown:
+        flags = [a.split("=")[0] for a in unknown.group(1).split() if a.startswith("--")]
+        hints = [f"{f} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(f, _flags(), n=1)) else f
+                 for f in flags]
+        return f"unknown option {', '.join(hints) or unknown.group(1)}; see --help"
+    return err
+
+
+def parse(args: Optional[list[str]] = None) -> BenchConfig:
+    """The command line (and ``--config_path`` YAML) -> BenchConfig. Raises BenchConfigError with one line for a
+    missing or unparsable YAML, an unknown field, a wrong type or a bad choice; --help exits 0 as usual."""
+    import draccus
+    from draccus.utils import DecodingError, ParsingError
+
+    captured = io.StringIO()
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "host MemAvailable"
-    except OSError:  # pragma: no cover
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "host RAM"
-
-
-def check_memory(cfg: BenchConfig, points: list[Point]) -> None:
-    """Refuse points whose estimated footprint exceeds the limit, naming the shape entry and its tokens."""
-    if cfg.max_memory_gb is not None:
-        limit, where = int(cfg.max_memory_gb * 2**30), "max_memory_gb"
-    else:
-        avail, src = available_memory_bytes()
-        limit, where = int(0.8 * avail), f"80% of {src}"
-    entries = shape_entries(cfg)
-    for pt in points:
-        need = estimate_bytes(pt)
-        if need > limit:
-            field = "tokens"
-            for prefix, s in entries:
-                if (s.tokens, s.hidden, s.mlp_dim, s.experts) == (pt.tokens, pt.hidden, pt.mlp_dim, pt.experts):
-                    field = f"{prefix}.tokens" if prefix else "tokens"
-                    break
-            which = "shapes" if cfg.shapes else "tokens/hidden/mlp_dim/experts"
-            raise BenchConfigError(
-                f"{field}: shape {pt.shape} with topk={pt.topk} ({pt.bench_pass}, {pt.dtype}) needs about "
-                f"{need / 2**30:.1f} GiB, over the limit of {limit / 2**30:.1f} GiB ({where}); reduce "
-                f"{which} (e.g. tokens) or raise max_memory_gb"
-            )
+        with contextlib.redirect_stderr(captured):
+            return draccus.parse(config_class=BenchConfig, args=args)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        raise BenchConfigError(_argparse_message(captured.getvalue())) from None
+    except FileNotFoundError as e:
+        raise BenchConfigError(f"config_path: no such file: {e.filename}") from None
+    except DecodingError as e:
+        raise BenchConfigError(_decoding_message(e.key_path, e.message)) from None
+    except ParsingError as e:
+        cause = e.__cause__ or e.__context__
+        detail = " ".join(str(cause).split()) if cause is not None else str(e)
+        raise BenchConfigError(f"config_path: not valid YAML: {detail}") from None

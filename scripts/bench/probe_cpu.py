@@ -11,25 +11,19 @@ Medians of interleaved rounds; prints ``PROBE key=value ...`` lines.
 
 from __future__ import annotations
 
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from scripts.bench import host_malloc
+from null_moe import host_malloc
+from scripts.bench import timer
 
 
 def _medians(fns: dict, rounds: int) -> dict:
-    for fn, args in fns.values():
-        jax.block_until_ready(fn(*args))
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, (fn, args) in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    """Median seconds of each (fn, args), one warmup call each, then interleaved rounds (scripts/bench/timer.py)."""
+    timings = timer.interleaved([functools.partial(fn, *args) for fn, args in fns.values()], warmup=1, rounds=rounds)
+    return {k: t.median for k, t in zip(fns, timings)}
 
 
 def buffer_probe(rounds: int) -> dict:

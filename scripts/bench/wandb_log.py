@@ -1,102 +1,112 @@
-"""One W&B run per sweep point (offline unless configured online), all points of a sweep in one group.
+"""One W&B run per sweep point, all points of a sweep in one group, from the point's row (scripts/bench/schema).
 
-config = every axis of the point (and the sweep's settings); summary = the figures, plus the expert load as a
-histogram (``expert_load``: bin i = expert i, height = its fraction of real assignments) and a table
-(``expert_load_table``). Runs live under ``<out_dir>/wandb``. Init is kept light: no system stats, console
-capture, code or machine metadata.
+The requested mode is checked before any compute: ``online`` needs credentials (``wandb login`` or
+``WANDB_API_KEY``). A point counts as logged only once its run has finished; the ledger
+``<out_dir>/wandb/logged.tsv`` records (point_key, mode, run id). A rerun logs, from their CSV rows and without
+computing anything, the points of its sweep that have no run in the current mode yet: runs that failed (a
+network error), or, with ``online``, every point so far only logged offline. Init is kept light: no system
+stats, console capture, code or machine metadata.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
+import netrc
 import os
 import sys
 from typing import Any, Optional
+from urllib.parse import urlparse
 
-import numpy as np
+from scripts.bench import schema
+from scripts.bench.config import BenchConfig, BenchConfigError
+from scripts.bench.points import point_label
 
-from scripts.bench.config import BenchConfig
+
+def _has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def preflight(cfg: BenchConfig) -> str:
+    """The W&B mode that will run; raises BenchConfigError when it cannot work."""
+    mode = cfg.wandb.resolved_mode()
+    if mode not in ("offline", "online", "disabled"):  # from $WANDB_MODE; the field itself is a Literal
+        raise BenchConfigError(f"wandb.mode: $WANDB_MODE={mode!r} must be one of offline, online, disabled")
+    if mode == "disabled":
+        return mode
+    if importlib.util.find_spec("wandb") is None:
+        raise BenchConfigError("wandb.enabled: the wandb package is not installed (pip install wandb), "
+                               "or use --wandb.mode disabled")
+    if mode == "online" and not _has_credentials():
+        raise BenchConfigError(
+            "wandb.mode: online needs W&B credentials and none were found (no WANDB_API_KEY, no ~/.netrc entry); "
+            "run `wandb login`, or use --wandb.mode offline (upload later: rerun with online)"
+        )
+    return mode
+
+
+class Ledger:
+    """Which points have a finished W&B run, per mode."""
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, "wandb", "logged.tsv")
+
+    def logged(self, mode: str) -> set[str]:
+        if not os.path.exists(self.path):
+            return set()
+        with open(self.path) as f:
+            return {parts[0] for parts in (ln.split("\t") for ln in f) if len(parts) >= 2 and parts[1] == mode}
+
+    def add(self, key: str, mode: str, run_id: str) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(f"{key}\t{mode}\t{run_id}\n")
 
 
 def _settings():
     import wandb
 
-    kwargs = dict(
-        console="off",
-        x_disable_stats=True,
-        x_disable_meta=True,
-        x_disable_machine_info=True,
-        save_code=False,
-        silent=True,
-    )
     try:
-        return wandb.Settings(**kwargs)
-    except Exception:  # older/newer wandb without one of these settings
+        return wandb.Settings(console="off", x_disable_stats=True, x_disable_meta=True,
+                              x_disable_machine_info=True, save_code=False, silent=True)
+    except Exception:  # a wandb without one of these settings
         return wandb.Settings(console="off", silent=True)
 
 
-def log_point(cfg: BenchConfig, row: dict[str, Any], result, group: str) -> Optional[str]:
-    """Log one finished point; returns the run directory (None when W&B is disabled or fails)."""
-    mode = cfg.wandb.resolved_mode()
-    if not cfg.wandb.enabled or mode == "disabled":
-        return None
+def log_row(cfg: BenchConfig, row: dict[str, Any], group: str, mode: str) -> Optional[str]:
+    """Log one point's row as a finished run and record it in the ledger; returns the run id, or None (with a
+    one-line warning on stderr) when W&B failed: the point stays unlogged and a rerun retries it."""
+    import numpy as np
     import wandb
 
-    pt = result.point
-    config = {k: row[k] for k in (
-        "shape", "tokens", "hidden", "mlp_dim", "experts", "topk", "impl", "backend", "pass", "routing",
-        "null_mode", "null_target", "dtype", "renormalize", "warmup", "iters", "seed", "requested_backend",
-        "point_key", "sweep", "tile_rows", "fused_experts", "host_malloc", "timing",
-    )}
-    config["renormalize_real_after_null"] = pt.renormalize
-    config["bench_pass"] = pt.bench_pass
-    config["null_routing_mode"] = pt.null_mode
-    config["null_route_frac"] = pt.null_target
-    config["split_forward_backward"] = pt.split
-    summary = {k: row[k] for k in (
-        "null_realized", "real_assignments", "null_assignments", "experts_per_token", "all_null_frac",
-        "time_s", "tokens_per_s", "tflops", "load_cv", "load_max", "load_violation", "time_min_s",
-        "time_max_s", "compile_s",
-    )}
-    if result.forward is not None:
-        summary["time_fwd_s"] = row["time_fwd_s"]
-        summary["time_bwd_s"] = row["time_bwd_s"]
-    wandb_dir = os.path.abspath(cfg.out_dir)
-    os.makedirs(wandb_dir, exist_ok=True)
+    config, summary, vectors = schema.wandb_split(row)
+    name = point_label(row["shape"], row["topk"], row["impl"], row["null_mode"], row["null_target"])
+    os.makedirs(cfg.out_dir, exist_ok=True)
     try:
-        run = wandb.init(
-            project=cfg.wandb.project,
-            entity=cfg.wandb.entity,
-            mode=mode,
-            group=group,
-            job_type="bench",
-            tags=list(cfg.wandb.tags),
-            name=pt.label,
-            dir=wandb_dir,
-            config=config,
-            settings=_settings(),
-            reinit="create_new",
-        )
-        loads = np.asarray(result.expert_loads, dtype=np.float64)
-        table = wandb.Table(columns=["expert", "load"], data=[[i, float(v)] for i, v in enumerate(loads)])
-        hist = wandb.Histogram(np_histogram=(loads, np.arange(len(loads) + 1, dtype=np.float64)))
+        run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=mode, group=group,
+                         job_type="bench", tags=list(cfg.wandb.tags), name=name, dir=os.path.abspath(cfg.out_dir),
+                         config=config, settings=_settings(), reinit="create_new")
         log = dict(summary)
-        log["expert_load"] = hist
-        log["expert_load_table"] = table
-        if result.real_per_token_hist is not None:
-            rp = np.asarray(result.real_per_token_hist, dtype=np.float64)
-            log["real_experts_per_token_hist"] = wandb.Histogram(
-                np_histogram=(rp, np.arange(len(rp) + 1, dtype=np.float64))
-            )
+        for key, (values, role) in vectors.items():
+            v = np.asarray(values, dtype=np.float64)
+            log[key] = wandb.Histogram(np_histogram=(v, np.arange(len(v) + 1, dtype=np.float64)))
+            if role == "histogram+table":
+                data = [[i, float(x)] for i, x in enumerate(v)]
+                log[f"{key}_table"] = wandb.Table(columns=["expert", "load"], data=data)
         run.log(log)
         run.summary.update(summary)
-        run_dir = run.dir
-        run.finish(quiet=True) if "quiet" in run.finish.__code__.co_varnames else run.finish()
-        return os.path.dirname(run_dir.rstrip("/")) if run_dir.rstrip("/").endswith("files") else run_dir
-    except Exception as e:  # never lose a sweep to a logging problem: the CSV already has the row
-        print(f"WARNING: W&B logging failed for {pt.label}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        run_id = run.id
+        run.finish()
+    except Exception as e:  # the CSV has the row; the ledger does not, so a rerun logs it
+        msg = " ".join(str(e).split())[:200]
+        print(f"WARNING: W&B run for {name} failed ({type(e).__name__}: {msg}); a rerun will log it",
+              file=sys.stderr, flush=True)
         return None
-
-
-def sweep_config(cfg: BenchConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    Ledger(cfg.out_dir).add(row["point_key"], mode, run_id)
+    return run_id
