@@ -1,9 +1,12 @@
-"""The null_mixtral LmConfig and model: parsing and validation, FLOPs, equivalence with stock Levanter Mixtral
-at p = 0, gradients through the logged aux losses, inference mode. In-process, tiny shapes."""
+"""The null_mixtral LmConfig and model: parsing and validation (through the training CLI's parser), FLOPs,
+equivalence with stock Levanter Mixtral at p = 0, gradients through the logged aux losses, inference mode; the
+CLI's one-line config errors, the step-aligned tracker and the run monitor (progress lines, realized FLOPs).
+In-process, tiny shapes."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 
@@ -24,8 +27,10 @@ from levanter.models.mixtral import MixtralLMHeadModel as StockMixtralLMHeadMode
 from levanter.tracker.tracker import DictTracker
 from levanter.utils.tree_utils import inference_mode
 
-from experiments.speedrun import custom_mixtral
+from experiments.speedrun import levanter_pin_workarounds as pin
+from experiments.speedrun import train
 from experiments.speedrun.custom_mixtral import MixtralConfig, NullMixtralLMHeadModel, moe_stats_to_log
+from experiments.speedrun.monitor import RunMonitor, default_progress_every
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(ROOT, "configs", "speedrun", "tiny_cpu.yaml")
@@ -46,15 +51,8 @@ VOCAB = hax.Axis("vocab", 64)
 
 
 def _parse(args=()):
-    return draccus.parse(config_class=TrainLmConfig, config_path=TINY_YAML, args=list(args))
-
-
-def _root_causes(exc: BaseException):
-    seen = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return seen
+    """The training CLI's parser (what `python -m experiments.speedrun.train` uses)."""
+    return train.parse_config(["--config_path", TINY_YAML, *args])
 
 
 # --- config --------------------------------------------------------------------------------------------------
@@ -65,26 +63,74 @@ def test_registered_under_null_mixtral_and_tiny_yaml_parses():
     assert cfg.model.null_route_frac == 0.5 and cfg.model.lbl_coef and cfg.model.rzl_coef
     assert cfg.trainer.require_accelerator is False
     assert cfg.trainer.tracker.mode == "offline"
+    assert cfg.progress_every is None
     # overrides pass through draccus
-    cfg = _parse(["--model.null_route_frac", "0.3", "--model.take_until_null", "true", "--trainer.num_train_steps", "7"])
+    cfg = _parse(["--model.null_route_frac", "0.3", "--model.take_until_null", "true", "--trainer.num_train_steps", "7",
+                  "--progress_every", "3"])
     assert cfg.model.null_route_frac == 0.3 and cfg.model.take_until_null and cfg.trainer.num_train_steps == 7
+    assert cfg.progress_every == 3
+    # Levanter's own TrainLmConfig parses the same file (the CLI's config class only narrows trainer.tracker)
+    stock = draccus.parse(config_class=TrainLmConfig, config_path=TINY_YAML, args=[])
+    assert stock.model == _parse().model
+
+
+def test_tracker_overrides_parse(capsys):
+    """--trainer.tracker.mode / .project (documented everywhere) work with the CLI's parser; the rest of the
+    YAML's tracker section is kept. Levanter types trainer.tracker as TrackerConfig | Tuple[TrackerConfig, ...],
+    which draccus can only take as a whole value: its own parser rejects the override."""
+    cfg = _parse(["--trainer.tracker.mode", "online", "--trainer.tracker.project", "my-proj",
+                  "--trainer.tracker.entity", "me"])
+    tracker = cfg.trainer.tracker
+    assert (tracker.mode, tracker.project, tracker.entity) == ("online", "my-proj", "me")
+    assert tracker.tags == ["null_mixtral", "tiny_cpu"] and tracker.save_code is False
+    assert type(tracker).__name__ == "WandbConfig"
+    with pytest.raises(SystemExit):
+        draccus.parse(config_class=TrainLmConfig, config_path=TINY_YAML, args=["--trainer.tracker.mode", "online"])
+    assert "unrecognized arguments: --trainer.tracker.mode online" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
-    "args, field",
+    "args, message",
     [
-        (["--model.null_route_frac", "1.0"], "null_route_frac"),
-        (["--model.null_route_frac", "-0.1"], "null_route_frac"),
-        (["--model.num_experts_per_tok", "9"], "num_experts_per_tok"),  # tiny has N = 8
-        (["--model.num_null_experts", "-1"], "num_null_experts"),
-        (["--model.gmm_backend", "cuda_magic"], "gmm_backend"),
+        (["--model.null_route_frac", "1.5"], "model.null_route_frac must be in [0, 1), got 1.5"),
+        (["--model.null_route_frac", "1.0"], "model.null_route_frac must be in [0, 1), got 1.0"),
+        (["--model.null_route_frac", "-0.1"], "model.null_route_frac must be in [0, 1), got -0.1"),
+        (["--model.num_experts_per_tok", "9"], "model.num_experts_per_tok must be in [1, n_routed_experts=8], got 9"),
+        (["--model.num_null_experts", "-1"], "model.num_null_experts"),
+        (["--model.num_kv_heads", "3"], "model.num_heads=4 must be divisible by num_kv_heads=3"),
+        (["--model.gmm_backend", "cuda_magic"], "argument --model.gmm_backend: invalid choice: 'cuda_magic'"),
+        (["--model.bogus", "1"], "unrecognized arguments: --model.bogus 1"),
+        (["--trainer.num_train_steps", "abc"], "trainer.num_train_steps: Couldn't parse 'abc' into an int"),
+        (["--model.take_until_null", "maybe"], "model.take_until_null: Couldn't parse 'maybe' into a bool"),
     ],
 )
-def test_invalid_values_fail_at_parse_time_naming_the_field(args, field, capsys):
-    with pytest.raises((Exception, SystemExit)) as info:  # argparse rejects Literal choices with SystemExit
+def test_invalid_values_fail_at_parse_time_naming_the_field(args, message):
+    with pytest.raises(train.ConfigError) as info:
         _parse(args)
-    messages = [str(e) for e in _root_causes(info.value)] + [capsys.readouterr().err]
-    assert any(field in m for m in messages), messages
+    assert str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    """train.main (in-process: no allocator re-exec) prints one `error: ...` line and returns 2 before any
+    compute, for a bad value, an unknown field, a bad type, a missing config file and an unknown key in the YAML."""
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model:\n  type: null_mixtral\n  bogus_field: 1\n")
+    cases = [
+        (["--config_path", TINY_YAML, "--model.null_route_frac", "1.5"],
+         "error: model.null_route_frac must be in [0, 1), got 1.5"),
+        (["--config_path", TINY_YAML, "--model.bogus", "1"], "error: unrecognized arguments: --model.bogus 1"),
+        (["--config_path", TINY_YAML, "--trainer.num_train_steps", "x"],
+         "error: trainer.num_train_steps: Couldn't parse 'x' into an int"),
+        (["--config_path", str(tmp_path / "missing.yaml")],
+         f"error: config file not found: {tmp_path / 'missing.yaml'}"),
+        (["--config_path", str(bad_yaml)], "error: model: The fields `bogus_field` are not valid for MixtralConfig"),
+    ]
+    for args, expected in cases:
+        assert train.main(args) == train.EXIT_CONFIG_ERROR, args
+        captured = capsys.readouterr()
+        assert captured.err.splitlines() == [expected], (args, captured.err[-2000:])
+        assert captured.out == ""
 
 
 def test_direct_construction_validates():
@@ -120,19 +166,30 @@ def test_flops_at_p0_equal_stock_levanter_mixtral():
     assert cfg.flops_per_token(1000) == pytest.approx(_stock_twin(cfg).flops_per_token(1000), rel=1e-12)
 
 
-@pytest.mark.parametrize("p, take_until_null", [(0.5, False), (0.3, False), (0.5, True)])
+@pytest.mark.parametrize("p, take_until_null", [(0.5, False), (0.3, False), (0.5, True), (0.3, True)])
 def test_flops_count_expected_real_experts(p, take_until_null):
     base = MixtralConfig(**SMALL)
     cfg = dataclasses.replace(base, null_route_frac=p, take_until_null=take_until_null)
     D, F, L, k = cfg.hidden_dim, cfg.intermediate_dim, cfg.num_layers, cfg.num_experts_per_tok
     e = cfg.expected_real_experts_per_token
-    if not take_until_null:
-        # balanced routing over N real + M null entries: k N / (N + M), about k (1 - p)
-        assert e == pytest.approx(k * cfg.n_routed_experts / (cfg.n_routed_experts + cfg.num_null))
-    assert 0 < e < k
+    assert e == pytest.approx(k * (1 - p))  # k (1 - p) in both modes
     saved = L * 6 * D * F * (k - e)  # 2 (mul-add) x 3 matrices x D x F per skipped assignment
     null_gate = L * 2 * D
     assert cfg.flops_per_token(1000) == pytest.approx(base.flops_per_token(1000) - saved + null_gate, rel=1e-12)
+
+
+def test_flops_for_a_realized_number_of_experts():
+    """flops_per_token(..., real_experts_per_token=e) swaps k (1 - p) for e, and nothing else."""
+    cfg = MixtralConfig(**SMALL, null_route_frac=0.5)
+    D, F, L = cfg.hidden_dim, cfg.intermediate_dim, cfg.num_layers
+    assert cfg.expert_flops_per_assignment == 6 * D * F
+    expected = cfg.flops_per_token(1000)
+    assert cfg.flops_per_token(1000, real_experts_per_token=cfg.expected_real_experts_per_token) == expected
+    for e in (0.0, 0.7, 1.3, 2.0):
+        realized = cfg.flops_per_token(1000, real_experts_per_token=e)
+        assert realized - expected == pytest.approx(L * 6 * D * F * (e - cfg.expected_real_experts_per_token))
+    assert cfg.flops_per_token(1000, 4 * cfg.seq_len, real_experts_per_token=1.0) > cfg.flops_per_token(
+        1000, real_experts_per_token=1.0)
 
 
 def test_flops_accepts_context_length_both_ways():
@@ -289,25 +346,100 @@ def test_step_aligned_tracker_files_stats_under_the_step_that_produced_them():
     """The jitted step does not know its number: its stats are buffered by the host callback and merged into
     the trainer's next log call that has a step (the step that produced them); leftovers flush at finish."""
     inner = DictTracker()
-    tracker = custom_mixtral.StepAlignedTracker(inner)
+    tracker = pin.StepAlignedTracker(inner)
     try:
-        custom_mixtral._host_moe_stats({"moe/null_frac": np.float32(0.25)})
+        pin._host_moe_stats({"moe/null_frac": np.float32(0.25)})
         tracker.log({"train/loss": 1.0}, step=3)
         tracker.log({"throughput/x": 2.0}, step=3)  # later logs of the same step: nothing pending any more
         assert inner.metrics["step_3"] == {"throughput/x": 2.0}
-        custom_mixtral._host_moe_stats({"moe/null_frac": np.float32(0.5)})
+        pin._host_moe_stats({"moe/null_frac": np.float32(0.5)})
         tracker.log({"train/loss": 0.9}, step=4)
         assert inner.metrics["step_4"] == {"moe/null_frac": 0.5, "train/loss": 0.9}
-        custom_mixtral._host_moe_stats({"moe/null_frac": np.float32(0.75)})
+        pin._host_moe_stats({"moe/null_frac": np.float32(0.75)})
     finally:
         tracker.finish()
     assert inner.metrics["step_4"] == {"moe/null_frac": 0.75}  # flushed at the last step seen
-    assert custom_mixtral._STEP_ALIGNED_TRACKERS == 0
+    assert pin._STEP_ALIGNED_TRACKERS == 0
     # without an aligned tracker the stats go straight to the current tracker (jit_log semantics)
     plain = DictTracker()
     levanter.tracker.set_global_tracker(plain)
     try:
-        custom_mixtral._host_moe_stats({"moe/null_frac": np.float32(0.125)})
+        pin._host_moe_stats({"moe/null_frac": np.float32(0.125)})
     finally:
         levanter.tracker.set_global_tracker(None)
     assert plain.metrics == {"moe/null_frac": 0.125}
+
+
+class _RecordingTracker(DictTracker):
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+        self.summary = {}
+        self.finished = False
+
+    def log(self, metrics, *, step, commit=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_summary(self, metrics):
+        self.summary.update(metrics)
+
+    def finish(self):
+        self.finished = True
+
+
+def _step_logs(monitor, step, *, loss, per_layer, tokens_per_second=1000.0):
+    """What the trainer logs for one step, in Levanter's order (routing stats arrive with the first call)."""
+    stats = {f"moe/layer{i}/experts_per_token": e for i, e in enumerate(per_layer)}
+    stats["moe/experts_per_token"] = sum(per_layer) / len(per_layer)
+    stats["moe/null_frac"] = 1 - stats["moe/experts_per_token"] / 2
+    monitor.log({**stats, "train/loss": loss, "global_step": step}, step=step)
+    monitor.log({"throughput/tokens_per_second": tokens_per_second, "throughput/duration": 0.1}, step=step)
+    monitor.log({"throughput/loading_time": 0.01}, step=step)
+
+
+def test_run_monitor_logs_realized_flops_and_prints_progress():
+    cfg = MixtralConfig(**SMALL, null_route_frac=0.5)
+    inner, out = _RecordingTracker(), io.StringIO()
+    monitor = RunMonitor(inner, model_config=cfg, vocab_size=VOCAB.size, num_train_steps=4, every=1, out=out,
+                         hparams={"host/malloc": "resident"})
+    assert inner.metrics["hparams"] == {"host/malloc": "resident"}
+    monitor.log_summary({"throughput/theoretical_flops": 1e12})
+    _step_logs(monitor, 0, loss=8.0, per_layer=[1.5, 0.5], tokens_per_second=2000.0)
+    _step_logs(monitor, 1, loss=7.5, per_layer=[1.25, 0.75])
+    rows = [m for s, m in inner.rows if "throughput/tokens_per_second" in m]
+    D, F, L = cfg.hidden_dim, cfg.intermediate_dim, cfg.num_layers
+    first = rows[0]
+    # forward + backward = 3 x forward; forward = 2 x 3 x D x F per real assignment, summed over layers
+    assert first["throughput/realized_expert_flops_per_token"] == pytest.approx(3 * 6 * D * F * (1.5 + 0.5))
+    assert first["throughput/realized_flops_per_token"] == pytest.approx(
+        3 * cfg.flops_per_token(VOCAB.size, real_experts_per_token=1.0))
+    assert first["throughput/expected_flops_per_token"] == pytest.approx(3 * cfg.flops_per_token(VOCAB.size))
+    assert first["throughput/realized_gflops_per_second"] == pytest.approx(
+        first["throughput/realized_flops_per_token"] * 2000.0 / 1e9)
+    assert first["throughput/realized_mfu"] == pytest.approx(
+        first["throughput/realized_flops_per_token"] * 2000.0 / 1e12 * 100)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("step 1/4  loss 8.0000") and lines[1].startswith("step 2/4")
+    assert "null_frac 0.500" in lines[0] and "experts/tok 1.000" in lines[0] and "tok/s 2,000" in lines[0]
+    assert monitor.steps_done == 2
+    monitor.finish()  # stopped at 2 of 4 steps: the data ran out
+    assert inner.summary["run/steps_done"] == 2 and inner.summary["run/data_exhausted"] is True and inner.finished
+
+
+def test_run_monitor_prints_every_n_steps_plus_first_and_last():
+    assert default_progress_every(16) == 1 and default_progress_every(200) == 2 and default_progress_every(5000) == 50
+    cfg = MixtralConfig(**SMALL, null_route_frac=0.5)
+    out = io.StringIO()
+    monitor = RunMonitor(_RecordingTracker(), model_config=cfg, vocab_size=VOCAB.size, num_train_steps=10, every=4,
+                         out=out)
+    for step in range(3, 10):  # a resumed run: its first step is 3
+        if step == 5:
+            monitor.log({"eval/loss": 4.5}, step=step)  # an eval step is always printed
+        _step_logs(monitor, step, loss=5.0, per_layer=[1.0, 1.0])
+    monitor.log({"train/loss": 5.0}, step=9)  # Levanter's forced end-of-run hooks log the last step again ...
+    monitor.log({"eval/loss": 4.25}, step=9)  # ... and run the eval once more
+    monitor.log({"throughput/tokens_per_second": 1.0}, step=9)
+    monitor.finish()
+    lines = out.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["4/10", "6/10", "8/10", "10/10", "10/10"]
+    assert "eval_loss 4.5000" in lines[1] and lines[4] == "step 10/10  eval_loss 4.2500"

@@ -1,4 +1,4 @@
-"""scripts/bench/host_malloc.py: mode detection and the re-exec that applies the allocator tunables."""
+"""null_moe.host_malloc: mode detection and the re-exec that applies the allocator tunables."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from scripts.bench import host_malloc
+from null_moe import host_malloc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +49,7 @@ def test_reexec_rejects_unknown_mode_and_skips_default(monkeypatch):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables")
 def test_reexec_sets_tunables_before_the_program_runs():
     prog = (
-        "import sys; from scripts.bench import host_malloc as h; "
+        "import sys; from null_moe import host_malloc as h; "
         "h.reexec_if_needed(sys.argv[1]); print('MODE', h.current_mode(), sys.argv[1:])"
     )
     env = {k: v for k, v in os.environ.items() if k not in host_malloc.RESIDENT_ENV}

@@ -1,12 +1,9 @@
-"""Null-routed Mixtral for Levanter: a ``LmConfig`` (type ``null_mixtral``) and its model, plus the training CLI.
-
-    python -m experiments.speedrun.custom_mixtral --config_path configs/speedrun/tiny_cpu.yaml \
-        [--trainer.num_train_steps 80] [--model.null_route_frac 0.3] [--trainer.id my-run] ...
+"""Null-routed Mixtral for Levanter: a ``LmConfig`` (type ``null_mixtral``) and its model.
 
 The model is Levanter's Mixtral (``levanter.models.mixtral``) with the MoE block replaced by
 ``null_moe.NullRoutedMoE``: attention, RMS norms, embeddings and the LM head are Levanter's own classes. No
 routing math lives here; this file only builds a ``NullMoEConfig`` from its fields, wires the layer into the
-decoder stack, sums the aux losses and logs the layer's statistics (see docs/TRAINING.md).
+decoder stack, sums the aux losses, logs the layer's statistics and counts FLOPs (see docs/TRAINING.md).
 
 Differences from stock ``levanter.models.mixtral`` that matter in training:
 
@@ -14,32 +11,35 @@ Differences from stock ``levanter.models.mixtral`` that matter in training:
   ``jit_log`` of raw aux losses crashes under ``grad`` with "IO callbacks do not support JVP");
 - in inference mode (Levanter's eval) the aux losses are not added to the loss and nothing is logged, so
   ``eval/loss`` is the pure LM loss and eval batches do not overwrite the training routing stats;
-- ``flops_per_token`` counts the *expected real* experts per token (``NullMoEConfig.expected_real_experts_per_
-  token``), so Levanter's ``throughput/*flops*`` and MFU stay honest under null routing;
+- ``flops_per_token`` counts the *expected real* experts per token, k (1 - p)
+  (``NullMoEConfig.expected_real_experts_per_token``), so Levanter's ``throughput/*flops*`` and MFU do not count
+  null slots; ``flops_per_token(..., real_experts_per_token=e)`` gives the count for a realized e (the training
+  CLI logs it every step);
 - not an ``HFCompatConfig``: Levanter never builds an ``HFCheckpointConverter`` for it, so nothing fetches a
   reference config or tokenizer from the Hugging Face hub (the null gate has no HF counterpart anyway).
 
-The CLI (``main`` / ``run_training``) runs Levanter's ``train_lm.main`` after three local adjustments: it builds
-the offline corpus, tokenizer and token caches on first use (``local_data.ensure_local_data``), adds a
-checkpoint at the last step of every run (``FinalCheckpointerConfig``: this Levanter drops the end-of-training
-``force``), and files the routing stats under the step that produced them (``StepAlignedWandbConfig``).
+Training: ``python -m experiments.speedrun.custom_mixtral --config_path configs/speedrun/tiny_cpu.yaml [...]``
+runs the training CLI of ``experiments/speedrun/train.py`` (``python -m experiments.speedrun.train`` is the same).
 """
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # `python -m experiments.speedrun.custom_mixtral ...` (the documented command) runs the training CLI. It hands
+    # over before anything below is defined, so `null_mixtral` is registered once, by the importable module.
+    from experiments.speedrun.train import main as _train_main
+
+    raise SystemExit(_train_main())
+
 import dataclasses
 import logging
-import os
-import threading
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Type, Union
 
 import equinox as eqx
 import jax
-import jax.experimental
 import jax.random as jrandom
-import numpy as np
 
 import haliax as hax
 import haliax.nn as hnn
@@ -49,10 +49,6 @@ from haliax.jax_utils import maybe_rng_split, named_call, shaped_rng_split
 from haliax.nn.scan import BlockSeq, Stacked
 
 import levanter.tracker
-from levanter.callbacks import Callback
-from levanter.checkpoint import Checkpointer, CheckpointerConfig
-from levanter.tracker import Tracker, TrackerConfig
-from levanter.tracker.wandb import WandbConfig
 from levanter.layers.attention import Attention, AttentionBackend, AttentionConfig, AttentionMask
 from levanter.layers.rotary import DefaultRotaryEmbeddingsConfig, RotaryEmbeddingsConfig
 from levanter.models.llama import LlamaEmbedding, LlamaMlp
@@ -61,6 +57,8 @@ from levanter.utils.activation import ActivationFunctionEnum
 
 from null_moe.config import ACTIVATIONS, GmmBackend, NullMoEConfig
 
+from experiments.speedrun.levanter_pin_workarounds import log_moe_stats
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -68,7 +66,7 @@ __all__ = [
     "NullMixtralDecoderLayer",
     "NullMixtralTransformer",
     "NullMixtralLMHeadModel",
-    "main",
+    "moe_stats_to_log",
 ]
 
 
@@ -263,20 +261,29 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
         return hp
 
     # --- FLOPs and parameters ---------------------------------------------------------------------------------
-    def flops_per_token(self, vocab_size: int, context_length: Optional[int] = None) -> float:
+    @property
+    def expert_flops_per_assignment(self) -> float:
+        """Forward FLOPs of one token through one routed expert: 2 (multiply-add) x 3 matrices (w1, w3, w2) x D x F."""
+        return float(2 * 3 * self.hidden_dim * self.intermediate_dim)
+
+    def flops_per_token(
+        self, vocab_size: int, context_length: Optional[int] = None, *, real_experts_per_token: Optional[float] = None
+    ) -> float:
         """Forward FLOPs per token (Levanter multiplies by 3 for forward + backward).
 
-        Expert FLOPs use the expected number of *real* experts per token, k (1 - p) under independent null
-        slots (the exact balanced-routing expectation under take_until_null): a null slot costs nothing.
+        Routed-expert FLOPs count ``real_experts_per_token`` real experts per token and layer; by default the
+        expected number, k (1 - p) (``NullMoEConfig.expected_real_experts_per_token``): a null slot costs
+        nothing. Pass a realized mean (``moe/experts_per_token``) to count what a step actually computed.
         ``context_length`` (the attention span) defaults to ``seq_len``; newer Levanter passes it.
         """
         seq = self.seq_len if context_length is None else context_length
         D, F, L, H, KV, hd = (self.hidden_dim, self.intermediate_dim, self.num_layers, self.num_heads,
                               self.num_kv_heads, self.head_size)
-        real_experts = self.expected_real_experts_per_token
-        # Levanter's lm_flops_per_token, term by term, with k replaced by the expected real experts per token
-        # (and head_dim allowed to differ from hidden / heads). Equal to it at p = 0.
-        mlp = 2 * 3 * D * F * (real_experts + self.n_shared_experts)
+        if real_experts_per_token is None:
+            real_experts_per_token = self.expected_real_experts_per_token
+        # Levanter's lm_flops_per_token, term by term, with k replaced by the real experts per token (and head_dim
+        # allowed to differ from hidden / heads). Equal to it at p = 0.
+        mlp = self.expert_flops_per_assignment * real_experts_per_token + 2 * 3 * D * F * self.n_shared_experts
         if self.n_routed_experts > 1:
             mlp += 2 * D * self.n_routed_experts  # router
         if self.num_null > 0:
@@ -378,97 +385,6 @@ def moe_stats_to_log(extras: Dict[str, NamedArray], config: MixtralConfig) -> Di
             # what is actually added to the training loss: the sum over layers (as stock Levanter Mixtral)
             stats[f"train/{name}"] = jax.lax.stop_gradient(hax.sum(extras[name], axis=config.Layers).array)
     return {k: jax.lax.stop_gradient(v) for k, v in stats.items()}
-
-
-# --- step-aligned logging of the routing stats ------------------------------------------------------------------
-# The stats are computed inside the jitted train step, which does not know its step number. Levanter's jit_log
-# hands them to the tracker with step=None, which W&B files under the *previous* step's row (the trainer logs
-# step s only after step s has run), so moe/* at row s would be step s + 1's routing and the last step would have
-# none. Instead the host callback below buffers them, and StepAlignedTracker merges the buffer into the next
-# log call that carries a step: the trainer's own logs of the step that produced them. Without that tracker
-# (plain train_lm, tests with another tracker) the stats go to the current tracker as jit_log would send them.
-_PENDING_MOE_STATS: Dict[str, float] = {}
-_PENDING_LOCK = threading.Lock()
-_STEP_ALIGNED_TRACKERS = 0
-
-
-def _host_moe_stats(stats) -> None:
-    values = {k: float(np.asarray(v)) for k, v in stats.items()}
-    if _STEP_ALIGNED_TRACKERS > 0:
-        with _PENDING_LOCK:
-            _PENDING_MOE_STATS.update(values)  # microbatches: the last one wins
-        return
-    try:
-        levanter.tracker.log(values, step=None, commit=False)
-    except RuntimeError:  # no tracker set: nowhere to log
-        pass
-
-
-def _take_pending_moe_stats() -> Dict[str, float]:
-    with _PENDING_LOCK:
-        pending = dict(_PENDING_MOE_STATS)
-        _PENDING_MOE_STATS.clear()
-    return pending
-
-
-def log_moe_stats(stats: Dict[str, jax.Array]) -> None:
-    """Logs (already stop_gradient'ed) scalars from inside jit through a host callback."""
-    stats = {k: jax.lax.stop_gradient(v) for k, v in stats.items()}
-    jax.experimental.io_callback(_host_moe_stats, None, stats, ordered=False)
-
-
-class StepAlignedTracker(Tracker):
-    """Forwards to another tracker; merges the buffered MoE stats into the next log call that has a step."""
-
-    def __init__(self, inner: Tracker):
-        global _STEP_ALIGNED_TRACKERS
-        self.inner = inner
-        self.name = getattr(inner, "name", "step_aligned")
-        self._last_step: Optional[int] = None
-        self._active = True
-        _STEP_ALIGNED_TRACKERS += 1
-
-    def log(self, metrics, *, step, commit=None):
-        if step is not None:
-            pending = _take_pending_moe_stats()
-            if pending:
-                metrics = {**pending, **metrics}
-            self._last_step = int(step)
-        self.inner.log(metrics, step=step, commit=commit)
-
-    def log_hyperparameters(self, hparams):
-        self.inner.log_hyperparameters(hparams)
-
-    def log_summary(self, metrics):
-        self.inner.log_summary(metrics)
-
-    def log_artifact(self, artifact_path, *, name=None, type=None):
-        self.inner.log_artifact(artifact_path, name=name, type=type)
-
-    def finish(self):
-        global _STEP_ALIGNED_TRACKERS
-        pending = _take_pending_moe_stats()
-        if pending and self._last_step is not None:
-            self.inner.log(pending, step=self._last_step)
-        if self._active:
-            self._active = False
-            _STEP_ALIGNED_TRACKERS -= 1
-        self.inner.finish()
-
-    def __getattr__(self, name):  # e.g. .run of a WandbTracker
-        inner = self.__dict__.get("inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
-
-
-@TrackerConfig.register_subclass("wandb_step_aligned")
-@dataclass
-class StepAlignedWandbConfig(WandbConfig):
-    """Levanter's W&B tracker config; its tracker files the MoE routing stats under the step that produced them."""
-
-    def init(self, run_id: Optional[str]) -> Tracker:
-        return StepAlignedTracker(super().init(run_id))
 
 
 class NullMixtralTransformer(eqx.Module):
@@ -580,110 +496,3 @@ class NullMixtralLMHeadModel(LmHeadModel[MixtralConfig]):
             new_lm_head = dataclasses.replace(self.lm_head, Out=new_Vocab, weight=new_lm_matrix)
             return dataclasses.replace(self, embeddings=new_embeddings, lm_head=new_lm_head)
         return dataclasses.replace(self, embeddings=new_embeddings)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CLI: Levanter's train_lm with this model registered, local data prepared, nothing on the network.
-# ---------------------------------------------------------------------------------------------------------------
-def _offline_env() -> None:
-    # Nothing may reach the Hugging Face hub; the tokenizer and corpus are local paths.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-class _ForceAwareCheckpointHook(Callback):
-    """Hands the trainer's ``force`` flag to the checkpointer.
-
-    This Levanter wraps ``checkpointer.on_step`` in a ``LambdaCallback`` that drops ``force``, so the forced hook
-    run at the end of ``Trainer.train`` never saves: a finished run had no checkpoint at its last step (only
-    step-policy / time-based ones), and extending it restarted from an older step or from scratch.
-    """
-
-    def __init__(self, checkpointer: Checkpointer):
-        self.checkpointer = checkpointer
-
-    def on_step(self, info, force: bool = False):
-        if force and info.step > 0 and getattr(self.checkpointer, "_last_save_step", None) == info.step:
-            return  # already saved at this step by the step policy: don't write the same directory twice
-        self.checkpointer.on_step(info, force=force)
-
-
-class _FinalCheckpointer:
-    """A Levanter ``Checkpointer`` whose ``on_step`` is a force-aware ``Callback`` (see above)."""
-
-    def __init__(self, inner: Checkpointer):
-        self._inner = inner
-        self.on_step = _ForceAwareCheckpointHook(inner)
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-_CREATED_CHECKPOINTERS: list = []
-
-
-@dataclass
-class FinalCheckpointerConfig(CheckpointerConfig):
-    """Levanter's ``CheckpointerConfig`` plus a permanent checkpoint at the last step of every run, so a run
-    resumed or extended with the same ``trainer.id`` continues exactly where it stopped."""
-
-    def create(self, run_id) -> Checkpointer:
-        checkpointer = _FinalCheckpointer(super().create(run_id))
-        _CREATED_CHECKPOINTERS.append(checkpointer)
-        return checkpointer  # type: ignore[return-value]
-
-
-def with_step_aligned_tracker(config):
-    """Swaps a plain W&B tracker config for ``StepAlignedWandbConfig`` with the same fields (other trackers are
-    left alone and get jit_log's step semantics)."""
-    tracker = config.trainer.tracker
-    if type(tracker) is WandbConfig:
-        fields = {f.name: getattr(tracker, f.name) for f in dataclasses.fields(WandbConfig)}
-        config.trainer.tracker = StepAlignedWandbConfig(**fields)
-    return config
-
-
-def with_final_checkpoint(config):
-    """Swaps ``config.trainer.checkpointer`` for a ``FinalCheckpointerConfig`` with the same fields."""
-    ckpt = config.trainer.checkpointer
-    if not isinstance(ckpt, FinalCheckpointerConfig):
-        fields = {f.name: getattr(ckpt, f.name) for f in dataclasses.fields(CheckpointerConfig)}
-        config.trainer.checkpointer = FinalCheckpointerConfig(**fields)
-    return config
-
-
-def run_training(config) -> None:
-    """Prepares local data (corpus, tokenizer, Levanter caches; built on first use) and runs ``train_lm.main``
-    with a checkpoint at the last step; waits for the asynchronous checkpoint writes before returning."""
-    from levanter.main import train_lm
-
-    from experiments.speedrun.local_data import ensure_local_data
-
-    _offline_env()
-    ensure_local_data(config.data)
-    with_final_checkpoint(config)
-    with_step_aligned_tracker(config)
-    try:
-        train_lm.main(config)
-    finally:
-        while _CREATED_CHECKPOINTERS:
-            _CREATED_CHECKPOINTERS.pop().wait_until_finished()
-
-
-def main(args: Optional[list[str]] = None) -> None:
-    """``python -m experiments.speedrun.custom_mixtral --config_path X.yaml [--a.b value ...]``."""
-    import levanter.config
-    from levanter.main.train_lm import TrainLmConfig
-
-    _offline_env()
-
-    def _run(config):
-        run_training(config)
-
-    _run.__annotations__ = {"config": TrainLmConfig}  # levanter.config.main reads the config class from here
-    levanter.config.main(_run, args=args)()
-
-
-if __name__ == "__main__":
-    main()

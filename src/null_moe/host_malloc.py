@@ -1,4 +1,4 @@
-"""Host allocator mode for CPU benchmarks: keep freed buffers mapped so XLA's per-call buffers skip page faults.
+"""Host allocator mode for CPU runs: keep freed buffers mapped so XLA's per-call buffers skip page faults.
 
 XLA:CPU allocates every output and temporary buffer with malloc on each call. glibc serves large blocks with a
 fresh mmap, and XLA's worker threads have arenas of their own; either way, each call touches new pages and the
@@ -9,10 +9,13 @@ routing saves.
 
 ``resident`` sets glibc's documented tunables: one arena for all threads, no mmap for large blocks, and no
 trimming of the heap top, so freed buffers are reused without faults. They are read only at process start, so
-the bench entry points re-execute themselves with them set (:func:`reexec_if_needed`). ``default`` leaves the
-allocator as it is. ``auto`` (the benches' default) is ``resident`` when JAX will run on the CPU and ``default``
-when an accelerator may be used: there device buffers do not come from malloc, and one arena would only make
-the host threads contend. Every figure a bench prints says which mode it ran under.
+the bench entry points and the training CLI (``experiments/speedrun/train.py``) re-execute themselves with them
+set (:func:`reexec_if_needed`). ``default`` leaves the allocator as it is. ``auto`` (their default) is
+``resident`` when JAX will run on the CPU and ``default`` when an accelerator may be used: there device buffers
+do not come from malloc, and one arena would only make the host threads contend. Every figure a bench prints,
+and every training run, says which mode it ran under.
+
+Standard library only: this module imports no JAX (it runs before JAX initialises).
 """
 
 from __future__ import annotations

@@ -1,0 +1,227 @@
+"""Workarounds for behaviours of the pinned Levanter (``levanter==1.2.dev1644``). Delete this module on an upgrade.
+
+Everything here exists only because of a specific behaviour of this Levanter build; each piece names the behaviour
+it works around. After upgrading Levanter, check each one against the new release, drop the pieces it fixes (and
+their call sites in ``custom_mixtral.py`` / ``train.py``); nothing else in the project depends on them.
+
+1. **Routing stats land in the wrong W&B row** (``log_moe_stats``, ``StepAlignedTracker``). Metrics logged from
+   inside the jitted train step go through ``levanter.tracker.jit_log`` with ``step=None``; W&B files them under
+   the row of the *previous* step (the trainer logs step s only after step s ran), and the last step's stats are
+   never committed in a row of their own. Here a host callback buffers the stats and ``StepAlignedTracker`` merges
+   them into the trainer's next log call that has a step: the one for the step that produced them.
+   (Newer Levanter collects in-step metrics and logs them with the step: ``defer_tracker_for_jit``.)
+2. **No checkpoint at the last step** (``FinalCheckpointerConfig``). ``Trainer`` registers ``checkpointer.on_step``
+   through a ``LambdaCallback`` that drops the ``force`` flag, so the forced hook run at the end of
+   ``Trainer.train`` never saves: a finished run only has step-policy / time-based checkpoints, and extending it
+   restarts from an older step. The hook here passes ``force`` through (and skips the end-of-run save of a run
+   that stopped before ``num_train_steps`` because its data ran out, so that state is not mistaken for a
+   finished run).
+3. **Temporary checkpoints under a relative base path are never deleted** (``absolute_checkpoint_paths``).
+   ``Checkpointer._do_rm_checkpoint`` joins the (already absolute) filesystem path of ``base_path`` with the
+   checkpoint path, which itself starts with ``base_path``; for a relative ``base_path`` that doubles it
+   (``.../ckpt/<id>/ckpt/<id>/step-2``), the delete fails with a logged exception and every temporary checkpoint
+   stays on disk. Local base paths are made absolute before training.
+4. **The text log is ``<id>.log.log``** (``log_file_named_after_run_id``). ``TrainerConfig.initialize`` passes
+   ``f"{id}.log"`` to ``levanter.utils.logging.init_logging``, which appends ``.log`` again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import jax
+import jax.experimental
+import numpy as np
+
+import levanter.tracker
+import levanter.utils.logging
+from levanter.callbacks import Callback
+from levanter.checkpoint import Checkpointer, CheckpointerConfig
+from levanter.tracker import Tracker
+
+__all__ = [
+    "FinalCheckpointerConfig",
+    "StepAlignedTracker",
+    "absolute_checkpoint_paths",
+    "log_file_named_after_run_id",
+    "log_moe_stats",
+    "wait_for_checkpointers",
+    "with_final_checkpoint",
+]
+
+
+# --- 1. step-aligned logging of in-step metrics ------------------------------------------------------------------
+_PENDING_MOE_STATS: Dict[str, float] = {}
+_PENDING_LOCK = threading.Lock()
+_STEP_ALIGNED_TRACKERS = 0
+
+
+def _host_moe_stats(stats) -> None:
+    values = {k: float(np.asarray(v)) for k, v in stats.items()}
+    if _STEP_ALIGNED_TRACKERS > 0:
+        with _PENDING_LOCK:
+            _PENDING_MOE_STATS.update(values)  # microbatches: the last one wins
+        return
+    try:  # no aligned tracker (plain train_lm, tests with another tracker): jit_log's semantics
+        levanter.tracker.log(values, step=None, commit=False)
+    except RuntimeError:  # no tracker set: nowhere to log
+        pass
+
+
+def _take_pending_moe_stats() -> Dict[str, float]:
+    with _PENDING_LOCK:
+        pending = dict(_PENDING_MOE_STATS)
+        _PENDING_MOE_STATS.clear()
+    return pending
+
+
+def log_moe_stats(stats: Dict[str, jax.Array]) -> None:
+    """Logs scalars from inside jit through a host callback (``stop_gradient``'ed here too, so this never puts an
+    IO callback on the JVP path)."""
+    stats = {k: jax.lax.stop_gradient(v) for k, v in stats.items()}
+    jax.experimental.io_callback(_host_moe_stats, None, stats, ordered=False)
+
+
+class StepAlignedTracker(Tracker):
+    """Forwards to another tracker; merges the buffered in-step stats into the next log call that has a step."""
+
+    def __init__(self, inner: Tracker):
+        global _STEP_ALIGNED_TRACKERS
+        self.inner = inner
+        self.name = getattr(inner, "name", "step_aligned")
+        self._last_step: Optional[int] = None
+        self._active = True
+        _STEP_ALIGNED_TRACKERS += 1
+
+    def log(self, metrics, *, step, commit=None):
+        if step is not None:
+            pending = _take_pending_moe_stats()
+            if pending:
+                metrics = {**pending, **metrics}
+            self._last_step = int(step)
+        self.inner.log(metrics, step=step, commit=commit)
+
+    def log_hyperparameters(self, hparams):
+        self.inner.log_hyperparameters(hparams)
+
+    def log_summary(self, metrics):
+        self.inner.log_summary(metrics)
+
+    def log_artifact(self, artifact_path, *, name=None, type=None):
+        self.inner.log_artifact(artifact_path, name=name, type=type)
+
+    def finish(self):
+        global _STEP_ALIGNED_TRACKERS
+        pending = _take_pending_moe_stats()
+        if pending and self._last_step is not None:
+            self.inner.log(pending, step=self._last_step)
+        if self._active:
+            self._active = False
+            _STEP_ALIGNED_TRACKERS -= 1
+        self.inner.finish()
+
+    def __getattr__(self, name):  # e.g. .run of a WandbTracker
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+
+# --- 2. a checkpoint at the last step -------------------------------------------------------------------------
+class _ForceAwareCheckpointHook(Callback):
+    """Hands the trainer's ``force`` flag to the checkpointer (see the module docstring, item 2)."""
+
+    def __init__(self, checkpointer: Checkpointer, num_train_steps: Optional[int]):
+        self.checkpointer = checkpointer
+        self.num_train_steps = num_train_steps
+
+    def on_step(self, info, force: bool = False):
+        if force and info.step > 0:
+            if getattr(self.checkpointer, "_last_save_step", None) == info.step:
+                return  # already saved at this step by the step policy: don't write the same directory twice
+            if self.num_train_steps is not None and info.next_step < self.num_train_steps:
+                return  # the run stopped early (its data ran out): don't save that state as the run's end
+        self.checkpointer.on_step(info, force=force)
+
+
+class _FinalCheckpointer:
+    """A Levanter ``Checkpointer`` whose ``on_step`` is a force-aware ``Callback``."""
+
+    def __init__(self, inner: Checkpointer, num_train_steps: Optional[int]):
+        self._inner = inner
+        self.on_step = _ForceAwareCheckpointHook(inner, num_train_steps)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+_CREATED_CHECKPOINTERS: list = []
+
+
+@dataclass
+class FinalCheckpointerConfig(CheckpointerConfig):
+    """Levanter's ``CheckpointerConfig`` plus a permanent checkpoint at the last step of every run, so a run
+    resumed or extended with the same ``trainer.id`` continues exactly where it stopped.
+
+    ``num_train_steps`` (set by the CLI from ``trainer.num_train_steps``): the end-of-run save is skipped when the
+    run stopped before that step."""
+
+    num_train_steps: Optional[int] = None
+
+    def create(self, run_id) -> Checkpointer:
+        checkpointer = _FinalCheckpointer(super().create(run_id), self.num_train_steps)
+        _CREATED_CHECKPOINTERS.append(checkpointer)
+        return checkpointer  # type: ignore[return-value]
+
+
+def with_final_checkpoint(config) -> None:
+    """Swaps ``config.trainer.checkpointer`` for a ``FinalCheckpointerConfig`` with the same fields."""
+    ckpt = config.trainer.checkpointer
+    fields = {f.name: getattr(ckpt, f.name) for f in dataclasses.fields(CheckpointerConfig)}
+    config.trainer.checkpointer = FinalCheckpointerConfig(**fields, num_train_steps=config.trainer.num_train_steps)
+
+
+def wait_for_checkpointers() -> None:
+    """Waits for the asynchronous checkpoint writes (and deletions) of every checkpointer created so far."""
+    while _CREATED_CHECKPOINTERS:
+        _CREATED_CHECKPOINTERS.pop().wait_until_finished()
+
+
+# --- 3. temporary checkpoints under a relative base path ------------------------------------------------------
+def _is_local_path(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def absolute_checkpoint_paths(config) -> None:
+    """Makes a local ``trainer.checkpointer.base_path`` (and ``trainer.load_checkpoint_path``) absolute, relative to
+    the current directory, so Levanter can delete its temporary checkpoints (module docstring, item 3)."""
+    trainer = config.trainer
+    base = trainer.checkpointer.base_path
+    if isinstance(base, str) and _is_local_path(base):
+        trainer.checkpointer.base_path = os.path.abspath(os.path.expanduser(base.removeprefix("file://")))
+    load = trainer.load_checkpoint_path
+    if isinstance(load, str) and _is_local_path(load):
+        trainer.load_checkpoint_path = os.path.abspath(os.path.expanduser(load.removeprefix("file://")))
+
+
+# --- 4. the text log's file name ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def log_file_named_after_run_id():
+    """While active, Levanter's ``init_logging(log_dir, "<id>.log")`` writes ``<id>.log``, not ``<id>.log.log``."""
+    original = levanter.utils.logging.init_logging
+
+    def init_logging(log_dir, run_id, *args, **kwargs):
+        if isinstance(run_id, str) and run_id.endswith(".log"):
+            run_id = run_id[: -len(".log")]
+        return original(log_dir, run_id, *args, **kwargs)
+
+    levanter.utils.logging.init_logging = init_logging
+    try:
+        yield
+    finally:
+        levanter.utils.logging.init_logging = original
