@@ -36,9 +36,24 @@ def _load(name: str, *args: str):
     return train.parse_config(["--config_path", os.path.join(CONFIG_DIR, f"{name}.yaml"), *args])
 
 
+EXPERT_PARALLEL = [f"{name}_ep" for name in HARDWARE] + ["tiny_cpu_ep"]
+
+
 def test_every_config_is_covered():
     names = {os.path.basename(p)[: -len(".yaml")] for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))}
-    assert names == set(HARDWARE) | {"tiny_cpu"}
+    assert names == set(HARDWARE) | {"tiny_cpu"} | set(EXPERT_PARALLEL)
+
+
+@pytest.mark.parametrize("name", EXPERT_PARALLEL)
+def test_expert_parallel_configs_map_experts_onto_a_batch_axis(name):
+    """Each *_ep config is its twin plus an expert mesh axis: experts -> replica, which also shards the batch."""
+    cfg = _load(name)
+    twin = _load(name[: -len("_ep")])
+    assert cfg.trainer.axis_resources.get("experts") == "replica"
+    assert cfg.trainer.replica_ici_axis_size > 1
+    for field in ("hidden_dim", "intermediate_dim", "n_routed_experts", "num_experts_per_tok", "null_route_frac"):
+        assert getattr(cfg.model, field) == getattr(twin.model, field), field
+    cfg.model.moe_config()  # the EP fields validate through NullMoEConfig
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu", "h2048_m1408_e60_tpu_null", "h3072_m3072_e128_gpu_p0"])

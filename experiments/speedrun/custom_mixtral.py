@@ -55,7 +55,7 @@ from levanter.models.llama import LlamaEmbedding, LlamaMlp
 from levanter.models.lm_model import LmConfig, LmHeadModel
 from levanter.utils.activation import ActivationFunctionEnum
 
-from null_moe.config import ACTIVATIONS, GmmBackend, NullMoEConfig
+from null_moe.config import ACTIVATIONS, EpTransport, GmmBackend, NullMoEConfig
 
 from experiments.speedrun.levanter_pin_workarounds import log_moe_stats
 
@@ -88,6 +88,8 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
         gmm_backend: auto | tiled | megablox | tokamax | ragged_dot; auto picks per platform. The backend that
             actually runs is logged into the run config as ``moe/gmm_backend``.
         tile_rows: row tile of the CPU ``tiled`` backend (None = measured default).
+        capacity_factor, ep_transport, ep_dedup: expert parallelism (when the trainer's axis_resources map
+            ``experts`` to a mesh axis that also shards the batch, e.g. ``experts: replica``); None = dropless.
     Logging:
         log_moe_stats: log routing statistics (moe/...) every step; log_expert_loads: also per-expert loads.
     """
@@ -119,6 +121,9 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
     renormalize_real: bool = True
     gmm_backend: GmmBackend = "auto"
     tile_rows: Optional[int] = None
+    capacity_factor: Optional[float] = None
+    ep_transport: EpTransport = "auto"
+    ep_dedup: bool = True
 
     # attention
     upcast_attn: bool = False
@@ -179,6 +184,9 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
             gmm_backend=self.gmm_backend,
             activation=self.activation_name,
             tile_rows=self.tile_rows,
+            capacity_factor=self.capacity_factor,
+            ep_transport=self.ep_transport,
+            ep_dedup=self.ep_dedup,
         )
 
     @property

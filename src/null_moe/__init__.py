@@ -1,14 +1,16 @@
 """null-moe: null routing for Mixtral-style MoE layers on Haliax named axes."""
 
-from .config import ACTIVATIONS, GMM_BACKENDS, NullMoEConfig
+from .config import ACTIVATIONS, EP_TRANSPORTS, GMM_BACKENDS, NullMoEConfig
 from .dispatch import Dispatch, make_dispatch
 from .experts import expert_mlp
 from .gmm import grouped_matmul, resolve_backend
 from .layers import ExpertMlp, NullRoutedMoE
 from .routing import NULL_MODES, Routing
+from .transport import block_capacity, ep_expert_mlp, resolve_transport
 
 __all__ = [
     "ACTIVATIONS",
+    "EP_TRANSPORTS",
     "GMM_BACKENDS",
     "NULL_MODES",
     "Dispatch",
@@ -16,8 +18,11 @@ __all__ = [
     "NullMoEConfig",
     "NullRoutedMoE",
     "Routing",
+    "block_capacity",
+    "ep_expert_mlp",
     "expert_mlp",
     "grouped_matmul",
     "make_dispatch",
     "resolve_backend",
+    "resolve_transport",
 ]

@@ -16,6 +16,9 @@ import jax
 GmmBackend = Literal["auto", "tiled", "megablox", "triton", "tokamax", "ragged_dot"]
 GMM_BACKENDS: tuple[str, ...] = get_args(GmmBackend)
 
+EpTransport = Literal["auto", "all_to_all", "ragged_all_to_all"]
+EP_TRANSPORTS: tuple[str, ...] = get_args(EpTransport)
+
 Activation = Literal["silu", "gelu", "relu"]
 #: The one activation table: config name -> function applied to the gate projection.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
@@ -58,6 +61,15 @@ class NullMoEConfig:
         fused_experts: on the "tiled" backend, run gather, the three projections and combine as one fused
             kernel (default); False composes dispatch, three ``grouped_matmul`` calls and combine, as the other
             backends always do.
+        capacity_factor: expert parallelism only (null_moe.transport): None is dropless (send buffers sized for
+            the worst case); a float sizes each (source, destination) block at about ``capacity_factor`` times
+            the expected real rows, and real slots that overflow are dropped (they contribute zero, like a null
+            slot) and counted in ``extras["dropped_frac"]``.
+        ep_transport: expert parallelism only: "all_to_all" (padded blocks, runs everywhere),
+            "ragged_all_to_all" (sends exactly the real rows; TPU/GPU), or "auto" (see
+            null_moe.transport.resolve_transport).
+        ep_dedup: expert parallelism only: send a token once per destination device, carrying the gate weights
+            of all its slots there (True), or once per real slot (False).
     """
 
     hidden_dim: int
@@ -74,6 +86,9 @@ class NullMoEConfig:
     activation: Activation = "silu"
     tile_rows: Optional[int] = None
     fused_experts: bool = True
+    capacity_factor: Optional[float] = None
+    ep_transport: EpTransport = "auto"
+    ep_dedup: bool = True
 
     def __post_init__(self):
         for name in ("hidden_dim", "intermediate_dim", "n_routed_experts"):
@@ -113,7 +128,14 @@ class NullMoEConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite non-negative number or None, got {value!r}")
-        for name in ("take_until_null", "renormalize_real", "fused_experts"):
+        cf = self.capacity_factor
+        if cf is not None and (
+            isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf) or cf <= 0
+        ):
+            raise ValueError(f"capacity_factor must be a finite number > 0 or None (dropless), got {cf!r}")
+        if self.ep_transport not in EP_TRANSPORTS:
+            raise ValueError(f"ep_transport must be one of {EP_TRANSPORTS}, got {self.ep_transport!r}")
+        for name in ("take_until_null", "renormalize_real", "fused_experts", "ep_dedup"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         t = self.tile_rows

@@ -2,14 +2,16 @@
 
 The module holds the parameters (router, null logit, experts) and composes the pure stages: routing.py (who
 goes where) -> experts.expert_mlp (dispatch.py sorting, grouped matmuls from gmm.py, combine; fused on the
-tiled backend).
+tiled backend). Under a mesh whose axis mapping puts "experts" on a mesh axis that also shards the tokens, the
+experts run expert-parallel (transport.py): only real rows travel to the device that owns their expert.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import equinox as eqx
 import haliax as hax
@@ -24,6 +26,7 @@ from . import routing as R
 from .config import ACTIVATIONS, NullMoEConfig
 from .experts import expert_mlp
 from .gmm import resolve_backend
+from .transport import block_capacity, ep_expert_mlp, resolve_transport, send_traffic, shard_map_unchecked
 
 
 class ExpertMlp(eqx.Module):
@@ -75,6 +78,66 @@ def _token_partition(token_axes) -> Optional[object]:
     return None
 
 
+def _as_tuple(spec) -> tuple:
+    return (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+class _ExpertParallel(NamedTuple):
+    """How the experts are split: over mesh axes ``axes`` (a subset of the tokens' ``token_spec``), size ``ep``."""
+
+    axes: tuple
+    ep: int
+    token_spec: object
+
+    @property
+    def axis_name(self):
+        return self.axes[0] if len(self.axes) == 1 else self.axes
+
+
+def _expert_parallel(token_axes, experts: hax.Axis) -> Optional[_ExpertParallel]:
+    """Expert parallelism is on when the axis mapping puts "experts" on mesh axes that also shard the tokens."""
+    token_spec = _token_partition(token_axes)
+    phys = hax.partitioning.physical_axis_name(experts)
+    if token_spec is None or phys is None:
+        return None
+    axes = _as_tuple(phys)
+    if not set(axes) <= set(_as_tuple(token_spec)):
+        return None
+    mesh_shape = dict(_current_mesh().shape)
+    ep = math.prod(mesh_shape[a] for a in axes)
+    if ep == 1:
+        return None
+    if experts.size % ep:
+        raise ValueError(
+            f"n_routed_experts={experts.size} must be divisible by the expert-parallel size {ep} (mesh axes {axes})"
+        )
+    return _ExpertParallel(axes, ep, token_spec)
+
+
+def _per_token(fn, token_axes, *arrays):
+    """fn on flat [T, ...] arrays whose every output is per token: each device runs it on its own tokens when the
+    tokens are sharded. (GSPMD would otherwise gather every token's logits onto every device for top-k.)"""
+    spec = _token_partition(token_axes)
+    if spec is None:
+        return fn(*arrays)
+    out_shape = jax.eval_shape(fn, *arrays)
+    specs = lambda tree: jax.tree.map(lambda a: PartitionSpec(spec, *(None,) * (a.ndim - 1)), tree)
+    return shard_map_unchecked(fn, mesh=_current_mesh(), in_specs=specs(arrays), out_specs=specs(out_shape))(*arrays)
+
+
+@contextlib.contextmanager
+def _experts_unmapped():
+    """Router outputs carry tokens and "experts": with tokens sharded over the experts' mesh axis as well, that
+    sharding cannot be expressed (DuplicateSpecError), and top-k needs every expert of a token anyway, so the
+    router runs with "experts" unmapped."""
+    mapping = hax.partitioning.current_thread_local_mapping()
+    if not mapping or mapping.get("experts") is None:
+        yield
+        return
+    with hax.axis_mapping({name: spec for name, spec in mapping.items() if name != "experts"}):
+        yield
+
+
 class NullRoutedMoE(eqx.Module):
     """Mixtral sparse MoE with null routing (docs/DESIGN.md, "Semantics").
 
@@ -99,6 +162,12 @@ class NullRoutedMoE(eqx.Module):
         """The grouped-matmul backend that runs on this platform for ``config.gmm_backend``."""
         return resolve_backend(self.config.gmm_backend)
 
+    @property
+    def transport(self) -> str:
+        """The expert-parallel exchange that runs on this platform for ``config.ep_transport`` (used only when
+        the layer runs expert-parallel)."""
+        return resolve_transport(self.config.ep_transport)
+
     # --- routing -------------------------------------------------------------------------------------------
     def _token_axes(self, x: NamedArray):
         """x's axes other than "embed", after checking x against the config (before any Haliax op sees it)."""
@@ -119,7 +188,8 @@ class NullRoutedMoE(eqx.Module):
         """[T, N] real router logits in f32 (routing decides in f32 whatever the compute dtype); tokens are x's
         non-embed axes flattened in order."""
         token_axes = self._token_axes(x)
-        z = self.gate(x).rearrange(token_axes + (self.config.Experts,))
+        with _experts_unmapped():
+            z = self.gate(x).rearrange(token_axes + (self.config.Experts,))
         return z.array.reshape(-1, self.config.n_routed_experts).astype(jnp.float32)
 
     @named_call
@@ -129,16 +199,19 @@ class NullRoutedMoE(eqx.Module):
         z = self.router_logits(x)
         u = None
         if cfg.num_null:
-            u = self.null_gate(x).rearrange(self._token_axes(x) + (cfg.NullLogit,)).array.reshape(-1)
+            with _experts_unmapped():
+                u = self.null_gate(x).rearrange(self._token_axes(x) + (cfg.NullLogit,)).array.reshape(-1)
             u = u.astype(jnp.float32)
-        return R.learned_routing(
-            z,
-            u,
+        route = functools.partial(
+            R.learned_routing,
             k=cfg.num_experts_per_tok,
             num_null=cfg.num_null,
             take_until_null=cfg.take_until_null,
             renormalize_real=cfg.renormalize_real,
         )
+        if u is None:
+            return _per_token(lambda z: route(z, None), self._token_axes(x), z)
+        return _per_token(route, self._token_axes(x), z, u)
 
     @named_call
     def route_forced(
@@ -165,7 +238,8 @@ class NullRoutedMoE(eqx.Module):
             null_mask = R.forced_null_mask(key, z.shape[0], cfg.num_experts_per_tok, null_frac, mode)
         elif null_mask.shape != (z.shape[0], cfg.num_experts_per_tok):
             raise ValueError(f"null_mask must have shape {(z.shape[0], cfg.num_experts_per_tok)}, got {null_mask.shape}")
-        return R.routing_with_null_mask(z, null_mask, renormalize_real=renorm)
+        route = functools.partial(R.routing_with_null_mask, renormalize_real=renorm)
+        return _per_token(route, self._token_axes(x), z, null_mask)
 
     # --- experts ---------------------------------------------------------------------------------------------
     @named_call
@@ -173,34 +247,90 @@ class NullRoutedMoE(eqx.Module):
         """Run dispatch, experts and combine for a given routing; returns (y, extras) like ``__call__``."""
         cfg = self.config
         token_axes = self._token_axes(x)
-        expert_ids = routing.expert_ids
         w1, w2, w3 = self.experts.raw_weights()
         x_tok = x.rearrange(token_axes + (cfg.Embed.name,)).array
         token_shape = x_tok.shape[:-1]
-        local = functools.partial(
-            _local_experts,
-            act=ACTIVATIONS[cfg.activation],
-            backend=self.backend,
-            tile_rows=cfg.tile_rows,
-            fused=cfg.fused_experts,
-        )
-        ids = expert_ids.reshape(token_shape + (cfg.num_experts_per_tok,))
+        ids = routing.expert_ids.reshape(token_shape + (cfg.num_experts_per_tok,))
         wts = routing.weights.reshape(token_shape + (cfg.num_experts_per_tok,))
+        kernel = dict(
+            act=ACTIVATIONS[cfg.activation], backend=self.backend, tile_rows=cfg.tile_rows, fused=cfg.fused_experts
+        )
+        dropped_frac = jnp.zeros((), jnp.float32)
+        ep = _expert_parallel(token_axes, cfg.Experts)
         spec = _token_partition(token_axes)
-        if spec is None:
-            y_tok = local(x_tok, ids, wts, w1, w2, w3)
+        if ep is not None:
+            tok_spec = PartitionSpec(ep.token_spec, *(None,) * len(token_shape))
+            w_spec = PartitionSpec(ep.axis_name, None, None)
+            body = functools.partial(
+                _ep_local,
+                ep=ep,
+                n_experts=cfg.n_routed_experts,
+                null_frac=cfg.null_route_frac,
+                capacity_factor=cfg.capacity_factor,
+                dedup=cfg.ep_dedup,
+                transport=self.transport,
+                **kernel,
+            )
+            y_tok, dropped = shard_map_unchecked(
+                body,
+                mesh=_current_mesh(),
+                in_specs=(tok_spec, tok_spec, tok_spec, w_spec, w_spec, w_spec),
+                out_specs=(tok_spec, PartitionSpec()),
+            )(x_tok, ids, wts, w1, w2, w3)
+            real = jnp.sum(routing.expert_ids < cfg.n_routed_experts, dtype=jnp.float32)
+            dropped_frac = jax.lax.stop_gradient(dropped.astype(jnp.float32) / jnp.maximum(real, 1.0))
+        elif spec is None:
+            y_tok = _local_experts(x_tok, ids, wts, w1, w2, w3, **kernel)
         else:
-            lead = (spec,) + (None,) * (len(token_shape) - 1)
-            tok_spec = PartitionSpec(*lead, None)
-            y_tok = jax.shard_map(
-                local,
+            tok_spec = PartitionSpec(spec, *(None,) * len(token_shape))
+            y_tok = shard_map_unchecked(
+                functools.partial(_local_experts, **kernel),
                 mesh=_current_mesh(),
                 in_specs=(tok_spec, tok_spec, tok_spec, PartitionSpec(), PartitionSpec(), PartitionSpec()),
                 out_specs=tok_spec,
-                check_vma=False,
             )(x_tok, ids, wts, w1, w2, w3)
         y = hax.named(y_tok.astype(x.dtype), token_axes + (cfg.Embed,)).rearrange(x.axes)
-        return y, self._extras(routing)
+        extras = self._extras(routing)
+        extras["dropped_frac"] = hax.named(dropped_frac, ())
+        return y, extras
+
+    def ep_traffic(self, x: NamedArray, routing: R.Routing):
+        """Under expert parallelism: what each device packs for each destination, read from its send buffers.
+
+        Returns a dict of [devices, EP] int arrays (``rows``, ``real_slots``, ``null_rows``, ``padding_rows``;
+        devices in the order of the tokens' shards) and the block ``capacity``; None when EP is off.
+        """
+        cfg = self.config
+        token_axes = self._token_axes(x)
+        ep = _expert_parallel(token_axes, cfg.Experts)
+        if ep is None:
+            return None
+        token_shape = tuple(ax.size for ax in token_axes)
+        k = cfg.num_experts_per_tok
+        ids = routing.expert_ids.reshape(token_shape + (k,))
+        wts = routing.weights.reshape(token_shape + (k,))
+        shards = math.prod(dict(_current_mesh().shape)[a] for a in _as_tuple(ep.token_spec))
+        tokens_local = math.prod(token_shape) // shards
+        capacity = block_capacity(
+            tokens_local, k, cfg.n_routed_experts, ep.ep,
+            null_frac=cfg.null_route_frac, capacity_factor=cfg.capacity_factor, dedup=cfg.ep_dedup,
+        )
+
+        def body(ids, wts):
+            traffic = send_traffic(
+                ids.reshape(-1, k), wts.reshape(-1, k),
+                n_experts=cfg.n_routed_experts, ep=ep.ep, capacity=capacity, dedup=cfg.ep_dedup,
+            )
+            return tuple(v[None] for v in traffic)
+
+        tok_spec = PartitionSpec(ep.token_spec, *(None,) * len(token_shape))
+        out = shard_map_unchecked(
+            body,
+            mesh=_current_mesh(),
+            in_specs=(tok_spec, tok_spec),
+            out_specs=(PartitionSpec(ep.token_spec),) * 4,
+        )(ids, wts)
+        return dict(zip(("rows", "real_slots", "null_rows", "padding_rows"), out), capacity=capacity)
 
     def _extras(self, routing: R.Routing) -> dict[str, NamedArray]:
         cfg = self.config
@@ -238,3 +368,35 @@ def _local_experts(x_tok, ids, wts, w1, w2, w3, *, act, backend, tile_rows, fuse
         fused=fused,
     )
     return y.reshape(lead + (y.shape[-1],))
+
+
+def _ep_local(x_tok, ids, wts, w1, w2, w3, *, ep, n_experts, null_frac, capacity_factor, dedup, transport, act,
+              backend, tile_rows, fused):
+    """Per-device body under expert parallelism: my tokens' real rows out to their experts' devices, my experts
+    on what arrives, results back. Returns (y, dropped real slots summed over all devices)."""
+    lead = x_tok.shape[:-1]
+    k = ids.shape[-1]
+    x = x_tok.reshape(-1, x_tok.shape[-1])
+    capacity = block_capacity(
+        x.shape[0], k, n_experts, ep.ep, null_frac=null_frac, capacity_factor=capacity_factor, dedup=dedup
+    )
+    y, dropped = ep_expert_mlp(
+        x,
+        ids.reshape(-1, k),
+        wts.reshape(-1, k),
+        w1,
+        w2,
+        w3,
+        act,
+        axis_name=ep.axis_name,
+        ep=ep.ep,
+        n_experts=n_experts,
+        capacity=capacity,
+        dedup=dedup,
+        transport=transport,
+        backend=backend,
+        tile_rows=tile_rows,
+        fused=fused,
+    )
+    dropped = jax.lax.psum(jax.lax.stop_gradient(dropped), _as_tuple(ep.token_spec))
+    return y.reshape(lead + (y.shape[-1],)), dropped

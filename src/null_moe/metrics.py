@@ -19,6 +19,7 @@ SCALAR_KEYS = (
     "routing_entropy",
     "load_balancing_loss",
     "router_z_loss",
+    "dropped_frac",
 )
 
 
