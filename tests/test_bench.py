@@ -79,7 +79,20 @@ def _csv_rows(path) -> list[dict]:
 # --- mistakes: one line, exit 2, nothing computed, nothing written ---------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _keep_xla_flags(monkeypatch):
+    """The CLI gives expert-parallel sweeps simulated devices through XLA_FLAGS; in-process calls must not leak
+    that into later tests' subprocesses."""
+    if "XLA_FLAGS" in os.environ:
+        monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])
+    else:
+        monkeypatch.delenv("XLA_FLAGS", raising=False)
+
+
 def _cli_error(capsys, args, tmp_path) -> str:
+    import jax
+
+    jax.devices()  # JAX already running in this process with its one device, as in any in-process call
     out_dir = tmp_path / "never"
     with pytest.raises(SystemExit) as exc:
         bench_null_moe.main(TINY + ["--out_dir", str(out_dir)] + args)
@@ -99,7 +112,8 @@ PARSE_ERRORS = """
 """
 # a choice that is not one (draccus, from the Literal types):
 CHOICE_ERRORS = """
---impl [null_moe,magic]                   | impl[1]: must be one of [null_moe, masked_null, stock_levanter], got 'magic'
+--impl [null_moe,magic]                   | impl[1]: must be one of [null_moe, masked_null, stock_levanter, null_moe_ep, compact_psum], got 'magic'
+--ep_transport ring                       | ep_transport: must be one of [auto, all_to_all, ragged_all_to_all]
 --dtype float16                           | dtype: must be one of [float32, bfloat16]
 --routing random                          | routing: must be one of [forced, learned]
 --null_routing_mode sometimes             | null_routing_mode: must be one of
@@ -118,6 +132,10 @@ VALUE_ERRORS = """
 --tokens 0                                | tokens: must be an integer >= 1
 --impl [stock_levanter] --null_route_frac 0.5 | impl: the sweep is empty
 --tokens 4096 --max_memory_gb 0.001       | tokens: shape 4096x16x32x4 with topk=2
+--impl [null_moe_ep] --ep_size 3          | ep_size: experts=4 must be divisible by ep_size=3
+--impl [compact_psum] --ep_size 0         | ep_size: must be an integer >= 1, got 0
+--impl [null_moe_ep] --ep_size 2 --capacity_factor 0 | capacity_factor must be a finite number > 0
+--impl [null_moe_ep] --ep_size 2          | ep_size: 2 devices needed, this process has 1
 """
 
 
@@ -240,6 +258,32 @@ def test_progress_lines_on_stderr(tmp_path, fake_runner, capsys):
     assert [ln.split("]")[0] for ln in lines] == ["[1/3", "[2/3", "[3/3"]
     assert all("tokens/s" in ln and "elapsed, eta" in ln for ln in lines) and "[1/3" not in out
     assert out.count("RESULT ") == 3
+
+
+def test_older_csv_layout_is_upgraded_in_place_and_resumed(tmp_path, fake_runner, capsys):
+    """A CSV written before the expert-parallel columns: its rows keep their values, gain the old-row defaults
+    (one device, nothing sent or dropped) and count as done; the new points run."""
+    cfg = _cfg(tmp_path, null_route_frac_list=[0.0, 0.5])
+    bench_null_moe.run(cfg)
+    path = os.path.join(cfg.out_dir, cfg.csv_name)
+    new_rows = _csv_rows(path)
+    old_names = [n for n in schema.NAMES if n not in schema.ADDED_COLUMNS]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(old_names)
+        for r in new_rows:
+            w.writerow([r[n] for n in old_names])
+    fake_runner.clear()
+    rows = bench_null_moe.run(dataclasses.replace(cfg, null_route_frac_list=[0.0, 0.5, 0.9]))
+    assert [p.null_target for batch in fake_runner for p in batch] == [0.9]
+    with open(path, newline="") as f:
+        assert tuple(next(csv.reader(f))) == schema.NAMES
+    upgraded = _csv_rows(path)
+    assert len(upgraded) == 3
+    for old, new in zip(new_rows, upgraded):
+        assert all(new[n] == old[n] for n in old_names)
+        assert {n: new[n] for n in schema.ADDED_COLUMNS} == schema.ADDED_COLUMNS
+    assert [r["dropped_frac"] for r in rows] == [0.0, 0.0, 0.0] and rows[0]["ep_size"] == 1
 
 
 def test_torn_last_row_is_repaired_on_resume(tmp_path, fake_runner, capsys):
@@ -467,11 +511,14 @@ def test_row_roundtrips_through_result_line_and_csv(tmp_path):
 def test_yaml_configs_parse_and_expand():
     from scripts.bench.config import parse
 
-    for name in ("seed_matrix", "cpu_matrix"):
+    for name in ("seed_matrix", "cpu_matrix", "cpu_ep"):
         pts = expand(parse(["--config_path", os.path.join(ROOT, "configs", "bench", f"{name}.yaml")]))
         if name == "seed_matrix":
             assert {p.shape for p in pts} == {"32768x2048x1408x60", "32768x2048x2048x64", "65536x3072x3072x128"}
             assert {p.topk for p in pts} == {2, 4, 8} and {p.dtype for p in pts} == {"bfloat16"}
+        elif name == "cpu_ep":
+            assert len(pts) == 2 * 3 * 3 and {p.ep_size for p in pts if p.ep} == {8}
+            assert {p.capacity_factor for p in pts if p.impl == "null_moe_ep"} == {1.25}
         else:
             assert len(pts) == 182
             anchor = [p for p in pts if p.shape == "4096x512x1024x16" and p.topk == 4 and p.impl == "null_moe"]

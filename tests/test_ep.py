@@ -293,7 +293,7 @@ def test_tiny_capacity_drops_exactly_the_overflow(dedup):
             expert_ids=jnp.where(drops_j, N, routing.expert_ids), weights=jnp.where(drops_j, 0.0, routing.weights)
         )
         y, _ = layer.apply(x, kept)
-        extras = layer._extras(routing)
+        extras = layer.routing_extras(routing)
         loss = hax.sum(y * cot).scalar() + extras["load_balancing_loss"].scalar() + extras["router_z_loss"].scalar()
         return loss, y
 
@@ -319,7 +319,7 @@ def _hlo(layer, x, cot, mapping, *, compile=True):
 
 @needs_8
 def test_no_full_expert_weight_all_gather_in_hlo():
-    from scripts.bench.ep_comm import collective_bytes, full_weight_all_gathers
+    from scripts.bench.ep import collective_bytes, full_weight_all_gathers
 
     layer, x, cot = _inputs(_cfg(null_route_frac=0.5, capacity_factor=1.25))
     full = [(N, D, F), (N, F, D)]

@@ -33,7 +33,7 @@ CHECK = textwrap.dedent(
     """
     import json, jax, equinox as eqx, haliax as hax
     from experiments.speedrun.train import parse_config
-    from scripts.bench.ep_comm import collective_bytes, full_weight_all_gathers
+    from scripts.bench.ep import collective_bytes, full_weight_all_gathers
 
     config = parse_config(["--config_path", "%s"])
     trainer, mc = config.trainer, config.model

@@ -69,7 +69,17 @@ def prepare(cfg: BenchConfig) -> tuple[BenchConfig, list[bpoints.Point]]:
         wandb_log.preflight(cfg)
         done = csv_store.done_keys()
         bpoints.check_memory(cfg, [p for p in points if p.key not in done])
+        bpoints.check_devices(points)
     return cfg, points
+
+
+def simulate_devices(points: list[bpoints.Point]) -> None:
+    """Expert-parallel points on a CPU-only JAX: give this process ep_size simulated devices (XLA reads the flag
+    when JAX initialises, so this runs before any JAX work). A flag already set is left as it is."""
+    need = bpoints.devices_needed(points)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if need > 1 and host_malloc.jax_cpu_only() and "--xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
 
 
 def _catch_up_wandb(cfg: BenchConfig, rows: list[dict], group: str, mode: str) -> None:
@@ -110,6 +120,9 @@ def run(cfg: BenchConfig) -> list[dict]:
     dev = jax.devices()[0]
     _out(f"bench: jax {jax.__version__} on {dev.platform} ({dev.device_kind}), {len(jax.devices())} device(s), "
          f"host_malloc={host_malloc.current_mode()}")
+    if dev.platform == "cpu" and bpoints.devices_needed(points) > 1:
+        _out(f"bench: expert-parallel points run on {bpoints.devices_needed(points)} simulated CPU devices that share "
+             "this host's cores (collectives are memory copies): their times mean little; compare comm_bytes")
     for i, pt in enumerate(points):
         if pt.key in done:
             _out(f"SKIP {i + 1}/{len(points)} {pt.label} key={pt.key} (already in {csv_path})")
@@ -131,6 +144,9 @@ def run(cfg: BenchConfig) -> list[dict]:
     rows = [r for r in results.read() if r["point_key"] in keys]
     _out()
     _out(report.summary_table(rows))
+    comm = report.comm_table(rows)
+    if comm:
+        _out("\nexpert parallelism:\n" + comm)
     md = report.anchor_style_markdown(rows)
     if md:
         _out("\nnull_moe in the layout of the TPU anchor table (markdown):\n" + md + "\n")
@@ -144,6 +160,7 @@ def run(cfg: BenchConfig) -> list[dict]:
 def main(args: Optional[list[str]] = None) -> None:
     try:
         cfg = bconfig.parse(args)
+        simulate_devices(bpoints.expand(bconfig.normalize(cfg)))
         cfg, _ = prepare(cfg)
         # before any JAX work: the allocator tunables are read at process start (host_malloc)
         host_malloc.reexec_if_needed(cfg.host_malloc)

@@ -18,11 +18,13 @@ import io
 import re
 from typing import Any, Literal, Optional
 
-from null_moe.config import GmmBackend
+from null_moe.config import EpTransport, GmmBackend
 from null_moe.host_malloc import HostMalloc
 from null_moe.routing import NullMode
 
-Impl = Literal["null_moe", "masked_null", "stock_levanter"]
+Impl = Literal["null_moe", "masked_null", "stock_levanter", "null_moe_ep", "compact_psum"]
+#: The impls that run over ep_size devices (scripts/bench/ep.py): this project's EP and the published baseline.
+EP_IMPLS = ("null_moe_ep", "compact_psum")
 NullRoutingMode = Literal[NullMode, "both"]
 RoutingKind = Literal["forced", "learned"]
 BenchPass = Literal["forward", "forward_backward"]
@@ -109,7 +111,19 @@ class BenchConfig(LayerShape):
     split_forward_backward: bool = _opt(False, "with forward_backward, also time the forward alone "
                                                "(time_fwd_s, time_bwd_s, a split plot)")
     impl: list[Impl] = _opt(["null_moe"], "null_moe: this layer; masked_null: null slots computed by a real expert "
-                                         "with weight 0; stock_levanter: Levanter's MixtralSparseMoeBlock, null 0 only")
+                                         "with weight 0; stock_levanter: Levanter's MixtralSparseMoeBlock, null 0 "
+                                         "only; null_moe_ep: this layer expert-parallel over ep_size devices (only "
+                                         "real rows travel); compact_psum: the published EP path (tokens replicated "
+                                         "over the expert axis, psum of the output)")
+    ep_size: int = _opt(8, "devices on the expert axis of null_moe_ep and compact_psum (experts and tokens must "
+                           "divide by it); on a CPU-only JAX the CLI simulates them (XLA_FLAGS="
+                           "--xla_force_host_platform_device_count), so their times mean little: compare bytes")
+    capacity_factor: Optional[float] = _opt(None, "null_moe_ep: rows per (source, destination) block as a multiple "
+                                                  "of the expected real rows; null: dropless")
+    ep_transport: EpTransport = _opt("auto", "null_moe_ep: all_to_all (padded), ragged_all_to_all (TPU/GPU), or "
+                                             "auto (per platform); the one that ran is reported as transport")
+    ep_dedup: bool = _opt(True, "null_moe_ep: send a token once per destination device (true) or once per real "
+                                "slot (false)")
     backend: GmmBackend = _opt("auto", "grouped-matmul backend (the layer's gmm_backend); the one that ran is "
                                        "reported as backend")
     fused_experts: bool = _opt(True, "tiled backend: one fused kernel per real tile, or dispatch -> gmm x3 -> "

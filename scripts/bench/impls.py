@@ -6,6 +6,10 @@
   choice for that slot) with gate weight 0, so the expert matmuls compute it and throw it away: the naive
   approach, whose cost does not fall with the null fraction. Its output equals null_moe's.
 - ``stock_levanter``: Levanter's ``MixtralSparseMoeBlock`` with this layer's gate and expert weights copied in.
+- ``null_moe_ep``: the layer's own calls (as ``null_moe``) traced under an expert-parallel mesh and axis mapping
+  (scripts/bench/ep.py): each device keeps ``experts / ep_size`` experts and only real rows travel.
+- ``compact_psum``: the published EP path on the same mesh: tokens replicated over the expert axis, each device
+  runs its own experts' rows, then a psum of the output (scripts/bench/ep.compact_psum_apply).
 
 Every forward returns ``(y, stats, aux)``: ``stats`` are the routing statistics the layer computes (its
 ``extras``; for masked_null those of the null routing it was given, by the same function), ``aux`` its
@@ -22,7 +26,7 @@ import numpy as np
 from null_moe import routing as R
 
 #: The routing statistics a step hands back (raw arrays); scripts/bench/runner.py turns them into counts.
-STATS_KEYS = ("experts_per_token", "expert_loads", "real_per_token_hist")
+STATS_KEYS = ("experts_per_token", "expert_loads", "real_per_token_hist", "dropped_frac")
 _AUX_KEYS = ("load_balancing_loss", "router_z_loss")
 
 
@@ -72,9 +76,15 @@ def _masked(layer, x, routing):
 
 
 def _layer_forward(layer, x, routing, impl: str):
+    if impl == "compact_psum":
+        from scripts.bench.ep import compact_psum_apply
+
+        extras = layer.routing_extras(routing)
+        return compact_psum_apply(layer, x, routing), _raw(extras, STATS_KEYS), _raw(extras, _AUX_KEYS)
     if impl == "masked_null":
         y, extras = layer.apply(x, _masked(layer, x, routing))
         stats = R.routing_stats(routing.expert_ids, layer.config.n_routed_experts)
+        stats["dropped_frac"] = extras["dropped_frac"]  # 0.0: one device drops nothing
         return y, _raw(stats, STATS_KEYS), _raw(extras, _AUX_KEYS)
     y, extras = layer.apply(x, routing)
     return y, _raw(extras, STATS_KEYS), _raw(extras, _AUX_KEYS)
@@ -95,7 +105,7 @@ def learned_forward(impl: str) -> Callable:
     """forward(layer, x, _): the layer's own router."""
 
     def forward(layer, x, _):
-        if impl == "null_moe":
+        if impl in ("null_moe", "null_moe_ep"):
             y, extras = layer(x)  # exactly what training calls
             return y, _raw(extras, STATS_KEYS), _raw(extras, _AUX_KEYS)
         return _layer_forward(layer, x, layer.route(x), impl)

@@ -17,8 +17,10 @@ from typing import Optional
 
 from null_moe.config import NullMoEConfig, num_null_slots
 
-from scripts.bench.config import BenchConfig, BenchConfigError, ShapeConfig
+from scripts.bench.config import EP_IMPLS, BenchConfig, BenchConfigError, ShapeConfig
 
+#: Point fields of the expert-parallel impls (bench fields of the same names).
+EP_FIELDS = ("ep_size", "capacity_factor", "ep_transport", "ep_dedup")
 NULL_SWEEP = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -45,6 +47,11 @@ class Point:
     iters: int
     seed: int
     split: bool
+    # expert parallelism (EP_IMPLS only; the defaults elsewhere, and left out of the key there)
+    ep_size: int = 1
+    capacity_factor: Optional[float] = None
+    ep_transport: str = "auto"
+    ep_dedup: bool = True
     # bench field -> where its value came from ("shapes[2].tokens", "topk_list[1]"); for error messages only
     where: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -55,8 +62,20 @@ class Point:
     @property
     def key(self) -> str:
         """Stable id of the measurement: same settings, same key (resume reads it from the CSV)."""
-        blob = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "where"}
+        skip = {"where"} | (set() if self.impl in EP_IMPLS else set(EP_FIELDS))
+        blob = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def ep(self) -> bool:
+        """Runs over ``ep_size`` devices (scripts/bench/ep.py)."""
+        return self.impl in EP_IMPLS
+
+    @property
+    def capacity_per_p(self) -> bool:
+        """null_moe_ep with a capacity: its send blocks are sized from p, so each null fraction compiles its own
+        step (a dropless one serves every fraction)."""
+        return self.impl == "null_moe_ep" and self.capacity_factor is not None
 
     @property
     def label(self) -> str:
@@ -81,6 +100,9 @@ _TO_LAYER = {
     "gmm_backend": ("backend", "backend"),
     "tile_rows": ("tile_rows", "tile_rows"),
     "fused_experts": ("fused", "fused_experts"),
+    "capacity_factor": ("capacity_factor", "capacity_factor"),
+    "ep_transport": ("ep_transport", "ep_transport"),
+    "ep_dedup": ("ep_dedup", "ep_dedup"),
 }
 _LAYER_TO_BENCH = {layer: bench for layer, (_, bench) in _TO_LAYER.items()} | {"take_until_null": "null_routing_mode"}
 
@@ -103,8 +125,11 @@ def layer_config(pt: Point) -> NullMoEConfig:
 
 def forced_layer_config(pt: Point) -> NullMoEConfig:
     """Forced routing draws its null mask outside the layer, so its layer runs at null 0: one layer (and one
-    compiled step) serves every null fraction and mode of a shape, topk and impl."""
-    return dataclasses.replace(layer_config(pt), null_route_frac=0.0, take_until_null=False)
+    compiled step) serves every null fraction and mode of a shape, topk and impl. Except null_moe_ep with a
+    capacity: its send blocks are sized from the point's p (``Point.capacity_per_p``)."""
+    cfg = layer_config(pt)
+    return dataclasses.replace(cfg, null_route_frac=cfg.null_route_frac if pt.capacity_per_p else 0.0,
+                               take_until_null=False)
 
 
 # --- expansion -----------------------------------------------------------------------------------------------------
@@ -148,10 +173,16 @@ def _modes(cfg: BenchConfig, routing: str, p: float, experts: int, topk: int) ->
 
 
 def _check_counts(pt: Point) -> None:
-    """What NullMoEConfig does not know about: the token count and the timing loop."""
-    for name, value, low in (("tokens", pt.tokens, 1), ("warmup", pt.warmup, 0), ("iters", pt.iters, 1)):
+    """What NullMoEConfig does not know about: the token count, the timing loop and the expert-parallel size."""
+    for name, value, low in (("tokens", pt.tokens, 1), ("warmup", pt.warmup, 0), ("iters", pt.iters, 1),
+                             ("ep_size", pt.ep_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise BenchConfigError(f"{pt.where.get(name, name)}: must be an integer >= {low}, got {value!r}")
+    if pt.ep:
+        for name in ("experts", "tokens"):
+            if getattr(pt, name) % pt.ep_size:
+                raise BenchConfigError(f"ep_size: {pt.where.get(name, name)}={getattr(pt, name)} must be divisible "
+                                       f"by ep_size={pt.ep_size} (impl {pt.impl})")
 
 
 def expand(cfg: BenchConfig) -> list[Point]:
@@ -184,7 +215,10 @@ def expand(cfg: BenchConfig) -> list[Point]:
                     if impl == "stock_levanter" and p != 0.0:
                         continue
                     w = where | {"topk": k_where, "null_route_frac": p_where}
-                    probe = Point(topk=k, impl=impl, null_target=p, null_mode="independent", where=w, **base)
+                    # compact_psum has no send buffers: only the device count applies to it
+                    ep = ({f: getattr(cfg, f) for f in EP_FIELDS} if impl == "null_moe_ep"
+                          else {"ep_size": cfg.ep_size} if impl in EP_IMPLS else {})
+                    probe = Point(topk=k, impl=impl, null_target=p, null_mode="independent", where=w, **base, **ep)
                     _check_counts(probe)
                     layer_config(probe)  # the values, checked by the layer itself
                     for mode in _modes(cfg, cfg.routing, float(p), s.experts, k):
@@ -208,6 +242,23 @@ def _run_order(points: list[Point]) -> list[Point]:
         out += [p for p in pts if p.null_target == 0.0] + [p for m in modes for p in pts
                                                               if p.null_target > 0.0 and p.null_mode == m]
     return out
+
+
+def devices_needed(points: list[Point]) -> int:
+    """The most devices one point runs on (1 without expert-parallel points)."""
+    return max([p.ep_size for p in points if p.ep] + [1])
+
+
+def check_devices(points: list[Point]) -> None:
+    """Expert-parallel points need ep_size devices in this process (JAX initialised here)."""
+    import jax
+
+    need, have = devices_needed(points), jax.device_count()
+    if need > have:
+        raise BenchConfigError(
+            f"ep_size: {need} devices needed, this process has {have}; on a CPU-only JAX the CLI simulates them, "
+            f"from Python set XLA_FLAGS=--xla_force_host_platform_device_count={need} before JAX starts"
+        )
 
 
 def sweep_hash(points: list[Point]) -> str:

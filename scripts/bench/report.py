@@ -76,6 +76,31 @@ def summary_table(rows: Iterable[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def comm_table(rows: Iterable[dict[str, Any]]) -> str:
+    """Expert-parallel points: bytes one device sends per step (compiled HLO) vs its null 0.0 point and vs
+    compact_psum at the same shape, topk and null fraction, with the dropped fraction. Empty without EP rows."""
+    rows = [r for r in rows if r.get("ep_size", 1) > 1]
+    if not rows:
+        return ""
+    base = _baselines(rows)
+    psum = {(r["shape"], r["topk"], r["null_target"]): r for r in rows if r["impl"] == "compact_psum"}
+    hdr = (f"{'shape':<22} {'topk':>4} {'impl':<13} {'ep':>3} {'cf':>5} {'transport':<17} {'null':>5} "
+           f"{'comm MiB':>10} {'vs null 0':>9} {'vs psum':>8} {'dropped':>8}")
+    lines = [hdr, "-" * len(hdr)]
+    for r in sorted(rows, key=lambda r: (_shape_key(r), r["topk"], IMPL_ORDER.get(r["impl"], 9), r["null_mode"],
+                                         r["null_target"])):
+        b, ps = base.get((r["shape"], r["topk"], r["impl"])), psum.get((r["shape"], r["topk"], r["null_target"]))
+        vs0 = f"{r['comm_bytes'] / b['comm_bytes']:.3f}" if b and b["comm_bytes"] else "-"
+        vsp = f"{r['comm_bytes'] / ps['comm_bytes']:.3f}" if ps and ps["comm_bytes"] else "-"
+        cf = "-" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}"
+        lines.append(f"{r['shape']:<22} {r['topk']:>4} {r['impl']:<13} {r['ep_size']:>3} {cf:>5} {r['transport']:<17} "
+                     f"{r['null_target']:>5.2f} {r['comm_bytes'] / 2**20:>10.3f} {vs0:>9} {vsp:>8} "
+                     f"{r['dropped_frac']:>8.4f}")
+    lines.append("comm: bytes one device sends per step, read from the compiled step's collectives (all-to-all "
+                 "(n-1)/n of its buffer, all-reduce 2(n-1)/n); on simulated CPU devices the times mean little")
+    return "\n".join(lines)
+
+
 def anchor_style_markdown(rows: list[dict[str, Any]], impl: str = "null_moe") -> str:
     """null_moe per shape x topk x mode: tokens/s at null 0.0, 0.1 and the largest fraction, the gains, and the
     TPU sweep's gain (scripts/bench/anchors.py) where it has the same expert count and topk."""

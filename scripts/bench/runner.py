@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from scripts.bench import ep as bep
 from scripts.bench import impls, timer
 from scripts.bench.points import Point, forced_layer_config, layer_config
 
@@ -27,6 +28,7 @@ class RoutingCounts:
     null: int
     per_expert: tuple[int, ...]  # real assignments per expert
     per_token: Optional[tuple[int, ...]]  # tokens with 0..k real slots (None: the impl does not report it)
+    dropped: int = 0  # real slots dropped by an expert-parallel capacity (they contributed zero)
 
     @staticmethod
     def from_stats(stats: dict, pt: Point) -> "RoutingCounts":
@@ -37,7 +39,8 @@ class RoutingCounts:
         per_expert = np.rint(np.asarray(stats["expert_loads"], np.float64) * real).astype(int)
         hist = stats.get("real_per_token_hist")
         per_token = None if hist is None else tuple(int(v) for v in np.rint(np.asarray(hist, np.float64) * pt.tokens))
-        return RoutingCounts(real, tk - real, tuple(int(v) for v in per_expert), per_token)
+        dropped = int(round(float(stats.get("dropped_frac", 0.0)) * real))
+        return RoutingCounts(real, tk - real, tuple(int(v) for v in per_expert), per_token, dropped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,8 @@ class PointResult:
     main: timer.Timing  # the step of bench_pass
     forward: Optional[timer.Timing] = None  # the forward alone, when the split is measured
     timing: str = "sequential"  # "interleaved": timed in rounds with the other points of its batch
+    transport: str = "none"  # expert-parallel exchange that ran: all_to_all, ragged_all_to_all, psum, or none
+    comm: dict = dataclasses.field(default_factory=dict)  # bytes one device sends per step, by collective kind
 
 
 def group_key(pt: Point) -> Optional[tuple]:
@@ -55,7 +60,8 @@ def group_key(pt: Point) -> Optional[tuple]:
     if pt.routing != "forced" or pt.impl == "stock_levanter":
         return None
     return (pt.tokens, pt.hidden, pt.mlp_dim, pt.experts, pt.topk, pt.impl, pt.bench_pass, pt.renormalize,
-            pt.backend, pt.tile_rows, pt.fused, pt.dtype, pt.seed, pt.split)
+            pt.backend, pt.tile_rows, pt.fused, pt.dtype, pt.seed, pt.split, pt.ep_size, pt.capacity_factor,
+            pt.ep_transport, pt.ep_dedup, pt.null_target if pt.capacity_per_p else None)
 
 
 def batches(points: list[Point], interleave: bool) -> list[list[Point]]:
@@ -80,10 +86,22 @@ class _Step:
         forced = group_key(pt) is not None
         cfg = forced_layer_config(pt) if forced or pt.impl == "stock_levanter" else layer_config(pt)
         layer, x = impls.build_layer(cfg, pt.seed, pt.tokens, pt.dtype)
+        self.devices, self.transport, self.data_sharding = 1, "none", None
         if pt.impl == "stock_levanter":
             model, x, self.backend = impls.build_stock(layer, x, pt.tokens, pt.seed, pt.dtype)
             forward, with_aux, self.context = impls.stock_forward, True, impls.stock_mesh
         else:
+            if pt.ep:
+                import haliax as hax
+                from jax.sharding import NamedSharding, PartitionSpec
+
+                mesh = bep.ep_mesh(pt.ep_size)
+                self.context = functools.partial(bep.mesh_context, mesh, bep.ep_mapping(pt.impl, x.axes[0].name))
+                with self.context():
+                    layer, x = hax.shard(layer), hax.shard(x)
+                self.devices, self.data_sharding = pt.ep_size, NamedSharding(mesh, PartitionSpec())
+                if pt.ep_size > 1:
+                    self.transport = "psum" if pt.impl == "compact_psum" else layer.transport
             model, self.backend = layer, layer.backend
             forward = impls.forced_forward(pt.impl) if forced else impls.learned_forward(pt.impl)
             with_aux = not forced  # training adds the aux losses; forced routing has none to learn
@@ -97,14 +115,17 @@ class _Step:
             self.fwd = self.fwd_compile_s = None
             if pt.split:
                 self.fwd, self.fwd_compile_s = timer.compile_ahead(fwd, *args)
+        self.comm = bep.collective_bytes(self.main.as_text(), self.devices)
 
     def data(self, pt: Point):
         """The step's third input: the point's null mask (forced routing), else an unused scalar."""
-        if self.forced:
-            return impls.draw_null_mask(pt.seed, pt.tokens, pt.topk, pt.null_target, pt.null_mode)
+        import jax
         import jax.numpy as jnp
 
-        return jnp.zeros((), jnp.int32)
+        data = (impls.draw_null_mask(pt.seed, pt.tokens, pt.topk, pt.null_target, pt.null_mode) if self.forced
+                else jnp.zeros((), jnp.int32))
+        # on an expert-parallel mesh, every input lives on the mesh (replicated; the layer slices its tokens)
+        return data if self.data_sharding is None else jax.device_put(data, self.data_sharding)
 
 
 _CACHE: dict[tuple, _Step] = {}
@@ -155,5 +176,6 @@ def run_batch(points: list[Point]) -> list[PointResult]:
     for i, pt in enumerate(points):
         main = timings[i * per]
         fwd = timings[i * per + 1] if per == 2 else None
-        results.append(PointResult(pt, str(step.backend), RoutingCounts.from_stats(main.kept, pt), main, fwd, label))
+        results.append(PointResult(pt, str(step.backend), RoutingCounts.from_stats(main.kept, pt), main, fwd, label,
+                                   step.transport, step.comm))
     return results

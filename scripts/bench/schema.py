@@ -63,6 +63,9 @@ COMPUTED: dict[str, Callable[[Any], Any]] = {
     "load_cv": _load_cv,
     "load_max": _load_max,
     "load_violation": lambda r: _load_max(r) - 1.0,
+    "dropped_frac": lambda r: r.counts.dropped / max(r.counts.real, 1),
+    "comm_bytes": lambda r: float(r.comm.get("total", 0.0)),
+    "a2a_bytes": lambda r: float(r.comm.get("all-to-all", 0.0) + r.comm.get("ragged-all-to-all", 0.0)),
     "time_fwd_s": lambda r: r.forward.median if r.forward else None,
     "time_bwd_s": lambda r: r.main.median - r.forward.median if r.forward else None,
     "tile_rows": lambda r: "default" if r.point.tile_rows is None else str(r.point.tile_rows),
@@ -102,6 +105,13 @@ time_max_s          float   summary        yes  main.max           slowest timed
 compile_s           float   summary        yes  main.compile_s     compile time of the step (one per batch)
 time_fwd_s          float?  summary        yes  =time_fwd_s        median forward alone (split), else -
 time_bwd_s          float?  summary        yes  =time_bwd_s        time_s - time_fwd_s, else -
+ep_size             int     config         yes  point.ep_size      devices on the expert axis (1: one device)
+capacity_factor     float?  config         yes  point.capacity_factor  null_moe_ep capacity factor, - = dropless
+ep_dedup            bool    config         yes  point.ep_dedup     null_moe_ep: a row per (token, device), not per slot
+transport           str     config         yes  transport          EP exchange that ran: all_to_all, ragged_all_to_all, psum or none
+dropped_frac        float   summary        yes  =dropped_frac      fraction of real slots dropped by the capacity
+comm_bytes          float   summary        yes  =comm_bytes        bytes one device sends per step (compiled HLO collectives)
+a2a_bytes           float   summary        yes  =a2a_bytes         the all-to-all part of comm_bytes
 dtype               str     config         yes  point.dtype        float32 or bfloat16
 renormalize         bool    config         yes  point.renormalize  real gate weights renormalized after nulling
 warmup              int     config         yes  point.warmup       untimed calls before timing
@@ -135,6 +145,12 @@ def _parse_table(table: str) -> tuple[Column, ...]:
 
 
 COLUMNS: tuple[Column, ...] = _parse_table(_TABLE)
+#: Columns added since the first layout, with the CSV value every row of an older file has (one device, no
+#: exchange, nothing dropped, nothing sent): scripts/bench/store.py upgrades such a file in place.
+ADDED_COLUMNS: dict[str, str] = {
+    "ep_size": "1", "capacity_factor": "", "ep_dedup": "true", "transport": "none", "dropped_frac": "0.0",
+    "comm_bytes": "0.0", "a2a_bytes": "0.0",
+}
 NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 _BY_NAME = {c.name: c for c in COLUMNS}
 

@@ -70,7 +70,7 @@ class ResultsCSV:
         except OSError as e:
             raise BenchConfigError(f"csv_name: cannot read and append to {self.path} ({e.strerror or e})") from None
         header = next(csv.reader(io.StringIO(text)), None)
-        if header is not None and tuple(header) != schema.NAMES:
+        if header is not None and tuple(header) != schema.NAMES and not self._upgradable(header):
             diff = next((i for i, (a, b) in enumerate(zip(header, schema.NAMES)) if a != b),
                         min(len(header), len(schema.NAMES)))
             got = header[diff] if diff < len(header) else "(end)"
@@ -79,6 +79,29 @@ class ResultsCSV:
                 f"csv_name: {self.path} has another column layout ({len(header)} columns, column {diff + 1} is "
                 f"{got!r} where this bench writes {want!r}); use another out_dir or csv_name, or move it away"
             )
+
+    @staticmethod
+    def _upgradable(header) -> bool:
+        """The layout before ``schema.ADDED_COLUMNS``: this bench's columns without them, in order."""
+        return tuple(header) == tuple(n for n in schema.NAMES if n not in schema.ADDED_COLUMNS)
+
+    def _upgrade(self) -> None:
+        """Rewrite an older-layout file in this layout (the added columns at their old-row values), atomically."""
+        rows = list(csv.reader(io.StringIO(self._complete_text())))
+        header, body = rows[0], rows[1:]
+        out = io.StringIO()
+        w = csv.writer(out)
+        w.writerow(schema.NAMES)
+        for r in body:
+            if len(r) == len(header):
+                old = dict(zip(header, r))
+                w.writerow([old[n] if n in old else schema.ADDED_COLUMNS[n] for n in schema.NAMES])
+        tmp = self.path + ".upgrade"
+        with open(tmp, "w", newline="") as f:
+            f.write(out.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def read(self) -> list[dict[str, Any]]:
         """The complete rows, typed (scripts/bench/schema.typed)."""
@@ -100,6 +123,8 @@ class ResultsCSV:
                 f.truncate(keep)
         if keep == 0:
             self._write_line(list(schema.NAMES))
+        elif self._upgradable(next(csv.reader(io.StringIO(self._complete_text())))):
+            self._upgrade()
 
     def append(self, row: dict[str, Any]) -> None:
         """Write one row and make it durable (flush + fsync) before returning."""

@@ -49,11 +49,16 @@ def resolve(mode: str) -> HostMalloc:
         raise ValueError(f"host_malloc must be one of {HOST_MALLOC_MODES}, got {mode!r}")
     if mode != "auto":
         return mode  # type: ignore[return-value]
+    return "resident" if jax_cpu_only() else "default"
+
+
+def jax_cpu_only() -> bool:
+    """Whether JAX will run on the CPU alone (JAX_PLATFORMS=cpu, or no accelerator plugin installed), decided
+    without initializing JAX."""
     platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
     if platforms:
-        return "resident" if platforms == "cpu" else "default"
-    accel = any(importlib.util.find_spec(p) is not None for p in _ACCELERATOR_PACKAGES)
-    return "default" if accel else "resident"
+        return platforms == "cpu"
+    return not any(importlib.util.find_spec(p) is not None for p in _ACCELERATOR_PACKAGES)
 
 
 def reexec_if_needed(mode: str) -> None:

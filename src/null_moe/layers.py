@@ -290,7 +290,7 @@ class NullRoutedMoE(eqx.Module):
                 out_specs=tok_spec,
             )(x_tok, ids, wts, w1, w2, w3)
         y = hax.named(y_tok.astype(x.dtype), token_axes + (cfg.Embed,)).rearrange(x.axes)
-        extras = self._extras(routing)
+        extras = self.routing_extras(routing)
         extras["dropped_frac"] = hax.named(dropped_frac, ())
         return y, extras
 
@@ -332,7 +332,9 @@ class NullRoutedMoE(eqx.Module):
         )(ids, wts)
         return dict(zip(("rows", "real_slots", "null_rows", "padding_rows"), out), capacity=capacity)
 
-    def _extras(self, routing: R.Routing) -> dict[str, NamedArray]:
+    def routing_extras(self, routing: R.Routing) -> dict[str, NamedArray]:
+        """The aux losses and routing statistics of ``routing`` (what ``apply`` returns as extras, minus
+        ``dropped_frac``), without running any expert: for a caller that runs the experts its own way."""
         cfg = self.config
         with jax.named_scope("aux_losses"):
             lbl = R.load_balancing_loss(routing, cfg.n_routed_experts, cfg.lbl_coef) if cfg.lbl_coef is not None else jnp.zeros(())
