@@ -31,6 +31,7 @@ BASE = dict(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_p
         ("take_until_null", "yes"),
         ("tile_rows", 12),
         ("fused_experts", "yes"),
+        ("balance_scope", "device"),
     ],
 )
 def test_bad_values_raise_naming_the_field(field, value):

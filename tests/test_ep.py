@@ -180,11 +180,13 @@ def test_issue_snippet_runs_expert_parallel():
 
 @needs_8
 @pytest.mark.parametrize(
-    "p,take_until_null,dedup",
-    [(0.0, False, True), (0.5, True, True), (0.9, False, True), (0.5, False, False)],
+    "p,take_until_null,dedup,scope",
+    [(0.0, False, True, "batch"), (0.5, True, True, "batch"), (0.9, False, True, "batch"),
+     (0.5, False, False, "batch"), (0.5, False, True, "sequence")],
 )
-def test_dropless_learned_routing_equals_single_device(p, take_until_null, dedup):
-    layer, x, cot = _inputs(_cfg(null_route_frac=p, take_until_null=take_until_null, ep_dedup=dedup), seed=int(p * 10))
+def test_dropless_learned_routing_equals_single_device(p, take_until_null, dedup, scope):
+    cfg = _cfg(null_route_frac=p, take_until_null=take_until_null, ep_dedup=dedup, balance_scope=scope)
+    layer, x, cot = _inputs(cfg, seed=int(p * 10))
     single, ep = _run_both(layer, x, cot)
     if p > 0:
         assert float(single[2]["null_frac"].array) > 0.05  # null slots really occur
@@ -293,7 +295,7 @@ def test_tiny_capacity_drops_exactly_the_overflow(dedup):
             expert_ids=jnp.where(drops_j, N, routing.expert_ids), weights=jnp.where(drops_j, 0.0, routing.weights)
         )
         y, _ = layer.apply(x, kept)
-        extras = layer.routing_extras(routing)
+        extras = layer.routing_extras(x, routing)
         loss = hax.sum(y * cot).scalar() + extras["load_balancing_loss"].scalar() + extras["router_z_loss"].scalar()
         return loss, y
 

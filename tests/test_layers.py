@@ -270,3 +270,26 @@ def _assert_same_outputs_and_grads(layer_a, layer_b, x, cot):
     np.testing.assert_allclose(gx_a.array, gx_b.array, atol=1e-5)
     for a, b in zip(ref.raw_params(g_a), ref.raw_params(g_b)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_sequence_balance_scope_is_the_mean_of_each_sequences_loss():
+    """balance_scope="sequence": the load-balancing loss of each sequence alone (a loop over the batch with the
+    batch-scope layer), averaged; statistics and outputs unchanged. One token axis: one group, as "batch"."""
+    kw = dict(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2, null_route_frac=0.5,
+              tile_rows=8)
+    seq_layer, x = _layer_and_input(NullMoEConfig(**kw, balance_scope="sequence"), seed=5)
+    batch_layer, _ = _layer_and_input(NullMoEConfig(**kw), seed=5)
+    assert seq_layer.balance_groups(x) == Batch.size and batch_layer.balance_groups(x) == 1
+    y_seq, e_seq = seq_layer(x)
+    y_batch, e_batch = batch_layer(x)
+    per_seq = [float(batch_layer(x[Batch.name, i])[1]["load_balancing_loss"].array) for i in range(Batch.size)]
+    np.testing.assert_allclose(float(e_seq["load_balancing_loss"].array), np.mean(per_seq), rtol=1e-6)
+    assert abs(float(e_seq["load_balancing_loss"].array) - float(e_batch["load_balancing_loss"].array)) > 1e-6
+    np.testing.assert_array_equal(np.asarray(y_seq.array), np.asarray(y_batch.array))
+    for name in ("null_frac", "expert_loads", "router_z_loss"):
+        np.testing.assert_array_equal(np.asarray(e_seq[name].array), np.asarray(e_batch[name].array))
+    flat = x.rearrange((Batch, Pos, x.axes[-1])).array.reshape(-1, 8)
+    x_tok = hax.named(flat, (hax.Axis("token", flat.shape[0]), seq_layer.config.Embed))
+    assert seq_layer.balance_groups(x_tok) == 1
+    np.testing.assert_allclose(float(seq_layer(x_tok)[1]["load_balancing_loss"].array),
+                               float(e_batch["load_balancing_loss"].array), rtol=1e-6)

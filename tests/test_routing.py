@@ -170,3 +170,36 @@ def test_learned_routing_matches_loop_on_random_configs(n, m, k_frac, tun, renor
     np.testing.assert_allclose(np.asarray(r.weights), wts, atol=1e-6)
     stats = R.routing_stats(r.expert_ids, n)
     assert float(stats["null_frac"]) == pytest.approx(float((ids == n).mean()))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_grouped_load_balancing_loss_is_the_mean_of_each_groups_loss(groups):
+    """groups > 1: the loss of each consecutive group of tokens on its own (a loop over slices), averaged; the
+    gradient w.r.t. the router logits too."""
+    n, m, k, t = 6, 3, 2, 32
+    logits = jax.random.normal(jax.random.PRNGKey(groups), (t, n))
+    null = jax.random.normal(jax.random.PRNGKey(100 + groups), (t,))
+
+    def grouped(logits):
+        return R.load_balancing_loss(R.learned_routing(logits, null, k=k, num_null=m, take_until_null=False, renormalize_real=True), n, 0.1, groups)
+
+    def loop(logits):
+        per = t // groups
+        losses = [R.load_balancing_loss(R.learned_routing(logits[g * per:(g + 1) * per], null[g * per:(g + 1) * per],
+                                                          k=k, num_null=m, take_until_null=False, renormalize_real=True), n, 0.1)
+                  for g in range(groups)]
+        return sum(losses) / groups
+
+    np.testing.assert_allclose(grouped(logits), loop(logits), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(grouped)(logits), jax.grad(loop)(logits), rtol=1e-5, atol=1e-8)
+    if groups > 1:  # loads measured per group differ from loads over the batch
+        assert abs(float(grouped(logits)) - float(R.load_balancing_loss(
+            R.learned_routing(logits, null, k=k, num_null=m, take_until_null=False, renormalize_real=True), n, 0.1))) > 1e-6
+
+
+def test_grouped_load_balancing_loss_needs_groups_dividing_the_tokens():
+    routing = R.learned_routing(jnp.zeros((10, 4)), jnp.zeros((10,)), k=2, num_null=2, take_until_null=False,
+                                renormalize_real=True)
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="groups must divide the 10 tokens"):
+            R.load_balancing_loss(routing, 4, 0.1, bad)

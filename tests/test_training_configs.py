@@ -41,7 +41,22 @@ EXPERT_PARALLEL = [f"{name}_ep" for name in HARDWARE] + ["tiny_cpu_ep"]
 
 def test_every_config_is_covered():
     names = {os.path.basename(p)[: -len(".yaml")] for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))}
-    assert names == set(HARDWARE) | {"tiny_cpu"} | set(EXPERT_PARALLEL)
+    assert names == set(HARDWARE) | {"tiny_cpu", "tiny_cpu_ep_capacity"} | set(EXPERT_PARALLEL)
+
+
+def test_capacity_config_is_tiny_ep_with_a_capacity():
+    """tiny_cpu_ep_capacity: tiny_cpu_ep's model and mesh, with a 1.25 capacity, the per-sequence balance loss and
+    32 sequences per device (what keeps its dropped fraction low; docs/EXPERT_PARALLEL.md)."""
+    cfg, ep = _load("tiny_cpu_ep_capacity"), _load("tiny_cpu_ep")
+    assert (cfg.model.capacity_factor, cfg.model.balance_scope, cfg.model.lbl_coef) == (1.25, "sequence", 0.2)
+    assert ep.model.capacity_factor is None and ep.model.balance_scope == "batch"
+    for field in ("hidden_dim", "intermediate_dim", "n_routed_experts", "num_experts_per_tok", "null_route_frac",
+                  "num_layers", "seq_len"):
+        assert getattr(cfg.model, field) == getattr(ep.model, field), field
+    assert cfg.trainer.axis_resources.get("experts") == "replica" and cfg.trainer.replica_ici_axis_size == 4
+    assert cfg.trainer.train_batch_size // 8 == 32  # sequences per device on 8 devices
+    moe = cfg.model.moe_config()
+    assert (moe.capacity_factor, moe.balance_scope) == (1.25, "sequence")
 
 
 @pytest.mark.parametrize("name", EXPERT_PARALLEL)
@@ -65,7 +80,7 @@ def test_documented_overrides_parse(name):
     assert cfg.trainer.id == "r1" and cfg.trainer.checkpointer.base_path == "gs://bucket/ckpt"
 
 
-@pytest.mark.parametrize("name", HARDWARE + ["tiny_cpu"])
+@pytest.mark.parametrize("name", HARDWARE + ["tiny_cpu", "tiny_cpu_ep_capacity"])
 def test_configs_train_on_the_local_stdlib_source_corpus(name):
     data = _load(name).data
     assert data.tokenizer == "data_cache/stdlib_src/tokenizer"

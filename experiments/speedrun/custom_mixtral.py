@@ -55,7 +55,7 @@ from levanter.models.llama import LlamaEmbedding, LlamaMlp
 from levanter.models.lm_model import LmConfig, LmHeadModel
 from levanter.utils.activation import ActivationFunctionEnum
 
-from null_moe.config import ACTIVATIONS, EpTransport, GmmBackend, NullMoEConfig
+from null_moe.config import ACTIVATIONS, BalanceScope, EpTransport, GmmBackend, NullMoEConfig
 
 from experiments.speedrun.levanter_pin_workarounds import log_moe_stats
 
@@ -80,6 +80,8 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
         activation_function, initializer_range, layer_norm_epsilon, tie_word_embeddings, input_embedding_norm,
         n_routed_experts (N), num_experts_per_tok (k), n_shared_experts (dense SwiGLU experts every token
         uses), lbl_coef / rzl_coef (None turns a loss off), attention and scan settings, rope.
+        balance_scope: "batch" (Levanter's load-balancing loss over all tokens) or "sequence" (the loss per
+            sequence, averaged: every sequence is pushed to its share of experts and nulls).
     Null routing (passed to ``null_moe.NullMoEConfig``):
         null_route_frac: p in [0, 1), target fraction of slots routed to null (0 = stock Mixtral routing).
         take_until_null: slots after a token's first null slot are null too (0..k real experts per token).
@@ -113,6 +115,7 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
 
     lbl_coef: Optional[float] = 0.01
     rzl_coef: Optional[float] = 0.001
+    balance_scope: BalanceScope = "batch"
 
     # null routing
     null_route_frac: float = 0.0
@@ -160,7 +163,8 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
                 f"activation_function must be one of {ACTIVATIONS} for the expert MLP, got {self.activation_name!r}"
             )
         # Validates every MoE field (hidden_dim, intermediate_dim, n_routed_experts, num_experts_per_tok,
-        # null_route_frac, num_null_experts, lbl_coef, rzl_coef, gmm_backend, tile_rows) and names the field.
+        # null_route_frac, num_null_experts, lbl_coef, rzl_coef, balance_scope, gmm_backend, tile_rows, EP fields)
+        # and names the field.
         self.moe_config()
 
     # --- the MoE layer's config: the only place the null-routing fields go ------------------------------------
@@ -181,6 +185,7 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
             renormalize_real=self.renormalize_real,
             lbl_coef=self.lbl_coef,
             rzl_coef=self.rzl_coef,
+            balance_scope=self.balance_scope,
             gmm_backend=self.gmm_backend,
             activation=self.activation_name,
             tile_rows=self.tile_rows,

@@ -79,7 +79,7 @@ def _layer_forward(layer, x, routing, impl: str):
     if impl == "compact_psum":
         from scripts.bench.ep import compact_psum_apply
 
-        extras = layer.routing_extras(routing)
+        extras = layer.routing_extras(x, routing)
         return compact_psum_apply(layer, x, routing), _raw(extras, STATS_KEYS), _raw(extras, _AUX_KEYS)
     if impl == "masked_null":
         y, extras = layer.apply(x, _masked(layer, x, routing))

@@ -17,6 +17,8 @@ GmmBackend = Literal["auto", "tiled", "megablox", "triton", "tokamax", "ragged_d
 GMM_BACKENDS: tuple[str, ...] = get_args(GmmBackend)
 
 EpTransport = Literal["auto", "all_to_all", "ragged_all_to_all"]
+BalanceScope = Literal["batch", "sequence"]
+BALANCE_SCOPES: tuple[str, ...] = ("batch", "sequence")
 EP_TRANSPORTS: tuple[str, ...] = get_args(EpTransport)
 
 Activation = Literal["silu", "gelu", "relu"]
@@ -55,6 +57,11 @@ class NullMoEConfig:
         num_null_experts: M null copies in the router pool; derived from p when None.
         renormalize_real: divide real gate weights by their sum (where > 0), as stock Mixtral does.
         lbl_coef, rzl_coef: load-balancing and router z-loss coefficients; None turns a loss off.
+        balance_scope: over which tokens the load-balancing loss measures loads: "batch" (all tokens of the
+            call, Levanter's loss) or "sequence" (each entry of the input's leading token axis, e.g. each
+            sequence of a [batch, position] input, then the mean over them). "sequence" also pushes every
+            sequence to its share of null and real slots, which keeps the rows one device sends under expert
+            parallelism close to the expectation its capacity is sized from (docs/EXPERT_PARALLEL.md).
         gmm_backend: grouped-matmul backend; "auto" picks per platform (see null_moe.gmm.resolve_backend).
         activation: expert activation ("silu" as in Mixtral).
         tile_rows: row tile of the "tiled" CPU backend; None uses the measured default.
@@ -82,6 +89,7 @@ class NullMoEConfig:
     renormalize_real: bool = True
     lbl_coef: Optional[float] = 0.01
     rzl_coef: Optional[float] = 0.001
+    balance_scope: BalanceScope = "batch"
     gmm_backend: GmmBackend = "auto"
     activation: Activation = "silu"
     tile_rows: Optional[int] = None
@@ -128,6 +136,8 @@ class NullMoEConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite non-negative number or None, got {value!r}")
+        if self.balance_scope not in BALANCE_SCOPES:
+            raise ValueError(f"balance_scope must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}")
         cf = self.capacity_factor
         if cf is not None and (
             isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf) or cf <= 0

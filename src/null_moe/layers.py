@@ -290,7 +290,7 @@ class NullRoutedMoE(eqx.Module):
                 out_specs=tok_spec,
             )(x_tok, ids, wts, w1, w2, w3)
         y = hax.named(y_tok.astype(x.dtype), token_axes + (cfg.Embed,)).rearrange(x.axes)
-        extras = self.routing_extras(routing)
+        extras = self.routing_extras(x, routing)
         extras["dropped_frac"] = hax.named(dropped_frac, ())
         return y, extras
 
@@ -332,12 +332,22 @@ class NullRoutedMoE(eqx.Module):
         )(ids, wts)
         return dict(zip(("rows", "real_slots", "null_rows", "padding_rows"), out), capacity=capacity)
 
-    def routing_extras(self, routing: R.Routing) -> dict[str, NamedArray]:
-        """The aux losses and routing statistics of ``routing`` (what ``apply`` returns as extras, minus
-        ``dropped_frac``), without running any expert: for a caller that runs the experts its own way."""
+    def balance_groups(self, x: NamedArray) -> int:
+        """How many groups the load-balancing loss splits x's tokens into (``config.balance_scope``): 1 for
+        "batch"; for "sequence", the size of x's leading token axis when x has more than one token axis."""
+        token_axes = self._token_axes(x)
+        if self.config.balance_scope == "sequence" and len(token_axes) > 1:
+            return token_axes[0].size
+        return 1
+
+    def routing_extras(self, x: NamedArray, routing: R.Routing) -> dict[str, NamedArray]:
+        """The aux losses and routing statistics of ``routing`` (made for ``x``): what ``apply`` returns as
+        extras, minus ``dropped_frac``, without running any expert (for a caller that runs them its own way)."""
         cfg = self.config
+        groups = self.balance_groups(x)
         with jax.named_scope("aux_losses"):
-            lbl = R.load_balancing_loss(routing, cfg.n_routed_experts, cfg.lbl_coef) if cfg.lbl_coef is not None else jnp.zeros(())
+            lbl = (R.load_balancing_loss(routing, cfg.n_routed_experts, cfg.lbl_coef, groups)
+                   if cfg.lbl_coef is not None else jnp.zeros(()))
             rzl = R.router_z_loss(routing, cfg.rzl_coef) if cfg.rzl_coef is not None else jnp.zeros(())
             stats = R.routing_stats(routing.expert_ids, cfg.n_routed_experts)
         extras = {name: hax.named(value, ()) for name, value in stats.items() if value.ndim == 0}

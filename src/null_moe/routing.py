@@ -180,23 +180,34 @@ def real_assignment_counts(expert_ids: jax.Array, n_real: int) -> jax.Array:
     return jnp.sum(one_hot, axis=0, dtype=jnp.int32)
 
 
-def load_balancing_loss(routing: Routing, n_real: int, coef: float) -> jax.Array:
+def load_balancing_loss(routing: Routing, n_real: int, coef: float, groups: int = 1) -> jax.Array:
     """Levanter's formula over the N + M pool, null assignments split evenly over the M copies.
 
     loads_i = assignments_i / (T k), f_i = loads_i (N + M) / k, P_i = mean_t probs_i, loss = coef sum_i f_i P_i.
     With M = 0 (and for forced routing, whose pool is the N real experts) this is stock Levanter's loss.
+    ``groups`` > 1 splits the T tokens into that many consecutive equal groups (e.g. sequences), takes the loss
+    of each and returns their mean: loads are then measured per group, not over the whole batch.
     """
     num_tokens, k = routing.expert_ids.shape
+    if groups < 1 or num_tokens % groups:
+        raise ValueError(f"groups must divide the {num_tokens} tokens, got {groups}")
     pool = routing.probs.shape[-1]
     num_null = pool - n_real
-    counts = real_assignment_counts(routing.expert_ids, n_real).astype(jnp.float32)
-    if num_null:
-        null_total = num_tokens * k - jnp.sum(counts)
-        counts = jnp.concatenate([counts, jnp.full((num_null,), null_total / num_null)])
-    loads = jax.lax.stop_gradient(counts / (num_tokens * k))
-    f = loads * pool / k
-    p = jnp.mean(routing.probs.astype(jnp.float32), axis=0)
-    return coef * jnp.sum(f * p)
+
+    def one(expert_ids, probs):
+        t = expert_ids.shape[0]
+        counts = real_assignment_counts(expert_ids, n_real).astype(jnp.float32)
+        if num_null:
+            null_total = t * k - jnp.sum(counts)
+            counts = jnp.concatenate([counts, jnp.full((num_null,), null_total / num_null)])
+        loads = jax.lax.stop_gradient(counts / (t * k))
+        f = loads * pool / k
+        return jnp.sum(f * jnp.mean(probs.astype(jnp.float32), axis=0))
+
+    if groups == 1:
+        return coef * one(routing.expert_ids, routing.probs)
+    per_group = jax.vmap(one)(routing.expert_ids.reshape(groups, -1, k), routing.probs.reshape(groups, -1, pool))
+    return coef * jnp.mean(per_group)
 
 
 def router_z_loss(routing: Routing, coef: float) -> jax.Array:
