@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,12 +74,12 @@ def test_tiny_ep_config_runs_the_layer_expert_parallel(tmp_path):
     assert out["full_gathers"] == []  # no device gathers every expert's weights
 
 
-def _train(tmp_path, config: str, run_id: str, steps: int):
+def _train(tmp_path, config: str, run_id: str, steps: int, *extra: str):
     cmd = [
         sys.executable, "-m", "experiments.speedrun.custom_mixtral", "--config_path", config,
         "--trainer.num_train_steps", str(steps), "--trainer.id", run_id,
         "--trainer.checkpointer.base_path", str(tmp_path / "ckpt"), "--trainer.log_dir", str(tmp_path / "logs"),
-        "--trainer.steps_per_eval", "1000",
+        "--trainer.steps_per_eval", "1000", *extra,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -117,3 +118,18 @@ def test_ep_training_matches_the_non_ep_run(tmp_path):
         assert abs(loss_ep[step] - loss_ref[step]) <= 2e-3 * abs(loss_ref[step]), (step, loss_ep[step], loss_ref[step])
     dropped = _by_step(ep, "moe/dropped_frac")
     assert dropped and set(dropped.values()) == {0.0}  # the config is dropless
+
+
+def test_capacity_config_drops_and_logs_what_overflows(tmp_path):
+    """tiny_cpu_ep_capacity.yaml at a capacity far below the expected rows (0.5) and a small batch: real slots drop,
+    moe/dropped_frac says how many (the mean of the layers' own figures), and the loss stays finite."""
+    rec = _train(tmp_path, "configs/speedrun/tiny_cpu_ep_capacity.yaml", "tiny-cap", 5,
+                 "--trainer.train_batch_size", "16", "--model.capacity_factor", "0.5", "--optimizer.warmup", "0.2")
+    dropped = _by_step(rec, "moe/dropped_frac")
+    per_layer = [_by_step(rec, f"moe/layer{i}/dropped_frac") for i in range(2)]
+    loss = _by_step(rec, "train/loss")
+    assert len(dropped) >= 2 and set(dropped) == set(loss)
+    for step, value in dropped.items():
+        assert 0.2 < value < 1.0, (step, value)  # half the expected rows fit: a large share of real slots drops
+        assert value == pytest.approx((per_layer[0][step] + per_layer[1][step]) / 2, rel=1e-5)
+        assert np.isfinite(loss[step])
