@@ -215,3 +215,20 @@ def test_rerun_skips_finished_runs(study):
     # another study config in the same out_dir is refused (rows from different settings never mix)
     proc = _cli([*study["args"], "--max_eval_batches", "2"], cwd=study["work"], timeout=300)
     assert proc.returncode == 2 and "holds results of another study config" in proc.stderr
+
+
+def test_every_study_config_parses():
+    """Each YAML under configs/quality that names a base_config is a study: it parses and its arms validate."""
+    import glob
+
+    from experiments.speedrun.null_quality import parse_config
+
+    studies = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "quality", "*.yaml"))):
+        with open(path) as f:
+            if "base_config:" not in f.read():
+                continue  # a training base config, not a study
+        studies.append(parse_config(["--config_path", path]))
+    assert {c.name for c in studies} >= {"cpu_study", "cpu_balance_scope"}
+    scope = next(c for c in studies if c.name == "cpu_balance_scope")
+    assert [scope.moe_config(a).balance_scope for a in scope.arms] == ["batch", "sequence"]

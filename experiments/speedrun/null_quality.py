@@ -238,7 +238,7 @@ class QualityConfig:
 
         model = {**self.base_model_fields(), **arm.model}
         keys = ("hidden_dim", "intermediate_dim", "n_routed_experts", "take_until_null", "num_null_experts",
-                "renormalize_real", "lbl_coef", "rzl_coef")
+                "renormalize_real", "lbl_coef", "rzl_coef", "balance_scope", "capacity_factor", "ep_transport", "ep_dedup")
         kwargs = {k: model[k] for k in keys if k in model}
         return NullMoEConfig(**kwargs, num_experts_per_tok=arm.num_experts_per_tok,
                              null_route_frac=float(arm.null_route_frac))
@@ -691,7 +691,9 @@ def summarize(cfg: QualityConfig, rows: list[dict]) -> dict:
             if ref is not None:
                 rdiffs.append(_f(by_arm[a.name][s], "eval_loss") - ref)
         rm, rsd, rn = _mean_std(rdiffs)
-        entry["realized"] = {"diffs": rdiffs, "mean": rm, "std": rsd, "n": rn, "verdict": verdict(rm, rsd, rn)}
+        # no p = 0 arms bracketing the realized compute: nothing to compare with (not a seed shortfall)
+        rv = verdict(rm, rsd, rn) if len(dense_names) >= 2 else "- (no p = 0 arms to interpolate)"
+        entry["realized"] = {"diffs": rdiffs, "mean": rm, "std": rsd, "n": rn, "verdict": rv}
         paired[a.name] = entry
     brackets = None
     pair = cfg.bracket_arms()
