@@ -115,7 +115,8 @@ class _Step:
             self.fwd = self.fwd_compile_s = None
             if pt.split:
                 self.fwd, self.fwd_compile_s = timer.compile_ahead(fwd, *args)
-        self.comm = bep.collective_bytes(self.main.as_text(), self.devices)
+        # one device has no collectives: its module text need not be rendered and read
+        self.comm = bep.collective_bytes(self.main.as_text(), self.devices) if self.devices > 1 else {}
 
     def data(self, pt: Point):
         """The step's third input: the point's null mask (forced routing), else an unused scalar."""

@@ -17,9 +17,10 @@ GmmBackend = Literal["auto", "tiled", "megablox", "triton", "tokamax", "ragged_d
 GMM_BACKENDS: tuple[str, ...] = get_args(GmmBackend)
 
 EpTransport = Literal["auto", "all_to_all", "ragged_all_to_all"]
-BalanceScope = Literal["batch", "sequence"]
-BALANCE_SCOPES: tuple[str, ...] = ("batch", "sequence")
 EP_TRANSPORTS: tuple[str, ...] = get_args(EpTransport)
+
+BalanceScope = Literal["batch", "sequence"]
+BALANCE_SCOPES: tuple[str, ...] = get_args(BalanceScope)
 
 Activation = Literal["silu", "gelu", "relu"]
 #: The one activation table: config name -> function applied to the gate projection.
