@@ -1,5 +1,10 @@
 """null-moe: null routing for Mixtral-style MoE layers on Haliax named axes."""
 
+from . import jax_compat as _jax_compat
+
+_jax_compat.apply()  # before any Haliax op: restores what newer JAX removed and haliax still calls
+
+# ruff: noqa: E402
 from .config import ACTIVATIONS, EP_TRANSPORTS, GMM_BACKENDS, NullMoEConfig
 from .dispatch import Dispatch, make_dispatch
 from .experts import expert_mlp
