@@ -23,19 +23,38 @@ their call sites in ``custom_mixtral.py`` / ``train.py``); nothing else in the p
    stays on disk. Local base paths are made absolute before training.
 4. **The text log is ``<id>.log.log``** (``log_file_named_after_run_id``). ``TrainerConfig.initialize`` passes
    ``f"{id}.log"`` to ``levanter.utils.logging.init_logging``, which appends ``.log`` again.
+5. **Newer JAX (0.8 and later, e.g. the GPU machines' 0.11)** (``apply_newer_jax_workarounds``):
+   - Levanter's next-token loss passes its 0/1 *float* loss mask as ``where`` to ``hax.mean``; ``jnp.mean`` now
+     raises "where must be None or a boolean array". ``haliax.nn.loss.maybe_reduce_loss`` (which Levanter calls
+     through the module attribute) is wrapped to hand on ``where != 0`` instead: for a 0/1 mask that is what
+     older JAX computed (it summed the mask as the count and used it as a condition).
+   - ``levanter.utils.jax_utils.barrier_sync`` (multi-process runs only) imports ``jaxlib.xla_extension``, which
+     JAX renamed to ``jax._src.lib._jax``: the old module name is registered as an alias of the new one.
+   - ``jax.make_mesh`` now makes *Explicit* mesh axes by default (Auto before). Levanter's data loader stacks each
+     batch under ``levanter.utils.jax_utils.local_cpu_mesh()``, built with ``jax.make_mesh``, from arrays made
+     under the trainer's Auto mesh, and JAX refuses to mix the two ("context mesh ... should match the aval
+     mesh"). ``local_cpu_mesh`` is replaced, in every Levanter module that imported it, by the same one-CPU mesh
+     with Auto axes (what older JAX built).
+   Each piece is applied only where the running JAX needs it (probed, not read from the version number), and
+   says so once in the log. The core's own JAX shims (haliax calls removed JAX functions) live in
+   ``null_moe.jax_compat``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import importlib
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import jax
 import jax.experimental
+import jax.numpy as jnp
 import numpy as np
 
 import levanter.tracker
@@ -46,6 +65,7 @@ from levanter.tracker import Tracker
 
 __all__ = [
     "FinalCheckpointerConfig",
+    "apply_newer_jax_workarounds",
     "StepAlignedTracker",
     "absolute_checkpoint_paths",
     "log_file_named_after_run_id",
@@ -225,3 +245,96 @@ def log_file_named_after_run_id():
         yield
     finally:
         levanter.utils.logging.init_logging = original
+
+
+# --- 5. newer JAX ---------------------------------------------------------------------------------------------------
+def _float_where_rejected() -> bool:
+    """True when this JAX's ``jnp.mean`` refuses a float ``where`` (JAX >= 0.8)."""
+    try:
+        jnp.mean(jnp.ones((2,), jnp.float32), where=jnp.ones((2,), jnp.float32))
+    except (TypeError, ValueError):
+        return True
+    return False
+
+
+def _bool_where_reduce(original):
+    @functools.wraps(original)
+    def maybe_reduce_loss(arr, reduction, reduction_axis, where):
+        import haliax as hax
+
+        if isinstance(where, hax.NamedArray) and where.dtype != jnp.bool_:
+            where = where != 0
+        elif where is not None and not isinstance(where, hax.NamedArray) and jnp.asarray(where).dtype != jnp.bool_:
+            where = jnp.asarray(where) != 0
+        return original(arr, reduction, reduction_axis, where)
+
+    maybe_reduce_loss.__null_moe_bool_where__ = True
+    return maybe_reduce_loss
+
+
+def _make_mesh_is_explicit() -> bool:
+    """True when ``jax.make_mesh`` defaults to Explicit axes (JAX >= 0.8)."""
+    try:
+        cpu = jax.local_devices(backend="cpu")[0]
+        mesh = jax.make_mesh((1,), ("probe",), devices=[cpu])
+        explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+        return explicit is not None and explicit in tuple(getattr(mesh, "axis_types", ()))
+    except Exception:  # noqa: BLE001 - an old JAX without axis types: nothing to fix
+        return False
+
+
+def _auto_local_cpu_mesh():
+    from levanter.utils.jax_utils import ResourceAxis, use_cpu_device
+
+    import haliax.partitioning
+
+    @contextlib.contextmanager
+    def local_cpu_mesh():
+        """Levanter's local_cpu_mesh with Auto mesh axes (see the module docstring, item 5)."""
+        cpu = jax.local_devices(backend="cpu")[0]
+        auto = jax.sharding.AxisType.Auto
+        mesh = jax.make_mesh(
+            (1, 1, 1), (ResourceAxis.REPLICA, ResourceAxis.DATA, ResourceAxis.MODEL), devices=[cpu],
+            axis_types=(auto, auto, auto),
+        )
+        with use_cpu_device(), haliax.partitioning.set_mesh(mesh):
+            yield mesh
+
+    local_cpu_mesh.__null_moe_auto_mesh__ = True
+    return local_cpu_mesh
+
+
+def apply_newer_jax_workarounds() -> list[str]:
+    """Applies item 5 of the module docstring where the running JAX needs it; returns what it changed (empty on the
+    pinned jax 0.7.2). Idempotent; logs one line when it changes anything."""
+    import haliax.nn.loss
+
+    applied = []
+    current = haliax.nn.loss.maybe_reduce_loss
+    if not getattr(current, "__null_moe_bool_where__", False) and _float_where_rejected():
+        haliax.nn.loss.maybe_reduce_loss = _bool_where_reduce(current)
+        applied.append("haliax.nn.loss.maybe_reduce_loss passes a boolean where (jnp.mean refuses Levanter's float mask)")
+    import levanter.utils.jax_utils as levanter_jax_utils
+
+    original = levanter_jax_utils.local_cpu_mesh
+    if not getattr(original, "__null_moe_auto_mesh__", False) and _make_mesh_is_explicit():
+        replacement = _auto_local_cpu_mesh()
+        importlib.import_module("levanter.data.loader")  # the modules that import it by name, loaded first
+        for name, module in list(sys.modules.items()):
+            if (name == "levanter" or name.startswith("levanter.")) and getattr(module, "local_cpu_mesh", None) is original:
+                module.local_cpu_mesh = replacement
+        applied.append("levanter's local_cpu_mesh builds an Auto mesh (jax.make_mesh now defaults to Explicit axes)")
+    if "jaxlib.xla_extension" not in sys.modules:
+        try:
+            importlib.import_module("jaxlib.xla_extension")
+        except ImportError:
+            try:
+                from jax._src.lib import _jax as renamed
+            except ImportError:  # pragma: no cover - neither name: nothing to alias
+                renamed = None
+            if renamed is not None:
+                sys.modules["jaxlib.xla_extension"] = renamed
+                applied.append("jaxlib.xla_extension aliased to jax._src.lib._jax (renamed by JAX)")
+    if applied:
+        print(f"jax {jax.__version__}: Levanter workarounds applied: {'; '.join(applied)}", flush=True)
+    return applied

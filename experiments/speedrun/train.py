@@ -257,6 +257,7 @@ def run_training(config) -> int:
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
 
+    pin.apply_newer_jax_workarounds()
     pin.absolute_checkpoint_paths(config)
     done = completed_steps(config)
     if done is not None and done >= num_train_steps:
