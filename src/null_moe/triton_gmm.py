@@ -24,10 +24,10 @@ All loads past the real rows are masked (masked lanes are never read, and read a
 cannot leak. Accumulation is in f32; outputs take ``x.dtype`` and dW ``w.dtype``. f32 inputs use the dot's
 default precision, which Triton runs as TF32 on the tensor cores (as XLA's default f32 dot does on NVIDIA).
 
-Off GPU (``interpret=None`` resolves to ``jax.default_backend() != "gpu"``) the same kernels run in Pallas
-interpret mode, which is how the CPU tests exercise them. The module works with jax 0.7.2 and jax 0.11; the
-small helpers below absorb the API differences between the two (see :func:`_triton_compiler_params`,
-:func:`_load`, :func:`_store`).
+Interpret mode is decided per lowering platform (``interpret=None``, null_moe.pallas_triton.pallas_call): a
+program lowered for CUDA holds the compiled kernels, the same program on CPU runs them in Pallas interpret mode,
+which is how the CPU tests exercise them. The module works with jax 0.7.2 and jax 0.11 (the version-tolerant
+helpers are in null_moe.pallas_triton).
 """
 
 from __future__ import annotations
@@ -41,10 +41,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # the Triton-specific Pallas API (load/store with masks, CompilerParams); present in jax 0.4.3x .. 0.11
-    from jax.experimental.pallas import triton as _plgpu
-except ImportError:  # pragma: no cover - very old or stripped-down jax
-    _plgpu = None
+from .pallas_triton import and_ as _and
+from .pallas_triton import cdiv as _cdiv
+from .pallas_triton import compiler_params as _triton_compiler_params  # noqa: F401  (tests read it here)
+from .pallas_triton import load as _load
+from .pallas_triton import multiple_of as _multiple_of
+from .pallas_triton import pallas_call as _pallas_call
+from .pallas_triton import store as _store
 
 #: Default tiles: 128 x 128 output tiles; the contraction step depends on the element size so that a
 #: 3- or 4-stage software pipeline of both operand tiles fits in an H100's shared memory.
@@ -58,76 +61,6 @@ DEFAULT_BLOCK_K_32BIT = 32
 DEFAULT_NUM_WARPS = 8
 #: Triton's tensor-core dot needs every operand dimension >= 16.
 MIN_GPU_BLOCK = 16
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Version-tolerant helpers.
-# ---------------------------------------------------------------------------------------------------------------
-def _triton_compiler_params(num_warps: int, num_stages: int):
-    """Triton compiler params under whichever name this jax spells them.
-
-    ``jax.experimental.pallas.triton.CompilerParams`` (jax >= 0.6, still so in 0.11); earlier releases called it
-    ``TritonCompilerParams`` (in ``pallas.triton`` or ``pallas`` itself). Returns None when none is found, and
-    then Pallas uses its Triton defaults (4 warps, 3 stages).
-    """
-    for module in (_plgpu, pl):
-        if module is None:
-            continue
-        for name in ("CompilerParams", "TritonCompilerParams"):
-            cls = getattr(module, name, None)
-            if cls is None:
-                continue
-            try:
-                return cls(num_warps=num_warps, num_stages=num_stages)
-            except TypeError:  # pallas.CompilerParams is an abstract base in newer jax
-                continue
-    return None
-
-
-def _load(ref_view, mask=None):
-    """Loads a ref view ``ref.at[...]``; lanes where ``mask`` is False are not read and come back as 0.
-
-    ``pallas.triton.load`` (jax 0.5 .. 0.11) takes the view and keyword mask/other; older jax spelled it
-    ``pallas.load(ref, idx, mask=, other=)``.
-    """
-    kwargs = {} if mask is None else {"mask": mask, "other": 0}
-    if _plgpu is not None and hasattr(_plgpu, "load"):
-        return _plgpu.load(ref_view, **kwargs)
-    if hasattr(pl, "load"):  # pragma: no cover - jax < 0.5 spelling
-        return pl.load(ref_view, (), **kwargs)
-    if mask is None:  # pragma: no cover
-        return ref_view[...]
-    raise NotImplementedError("this jax has no masked Pallas load")  # pragma: no cover
-
-
-def _store(ref_view, value, mask=None):
-    """Stores ``value`` into a ref view, only where ``mask`` is True (everywhere when it is None)."""
-    kwargs = {} if mask is None else {"mask": mask}
-    if _plgpu is not None and hasattr(_plgpu, "store"):
-        _plgpu.store(ref_view, value, **kwargs)
-    elif hasattr(pl, "store"):  # pragma: no cover - jax < 0.5 spelling
-        pl.store(ref_view, (), value, **kwargs)
-    elif mask is None:  # pragma: no cover
-        ref_view[...] = value
-    else:  # pragma: no cover
-        raise NotImplementedError("this jax has no masked Pallas store")
-
-
-def _multiple_of(x, m: int):
-    fn = getattr(pl, "multiple_of", None)
-    return fn(x, m) if fn is not None else x
-
-
-def _and(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a & b
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,12 +79,13 @@ def max_row_tiles(total_rows: int, num_groups: int, block_m: int) -> int:
     return max(1, _cdiv(total_rows, block_m) + num_groups)
 
 
-def tile_schedule(group_sizes: jax.Array, total_rows: int, block_m: int) -> jax.Array:
+def tile_schedule(group_sizes: jax.Array, total_rows: int, block_m: int, zero_tiles: bool = True) -> jax.Array:
     """[3, max_row_tiles] int32 schedule of the row kernels: per tile (kind, row start, row end).
 
     kind e < E: a real tile of expert e over rows [start, min(start + block_m, end)); kind E: a zero tile over
     rows of the null region [R, total_rows); kind E + 1: idle. Real tiles come first (expert by expert, in row
-    order), then the zero tiles, then the idle entries.
+    order), then the zero tiles, then the idle entries. ``zero_tiles=False`` gives the null region no tile at all
+    (its rows are never written): the schedule of kernels whose callers never read those rows.
     """
     num_groups = group_sizes.shape[0]
     length = max_row_tiles(total_rows, num_groups, block_m)
@@ -160,6 +94,8 @@ def tile_schedule(group_sizes: jax.Array, total_rows: int, block_m: int) -> jax.
     region_start = jnp.concatenate([starts, ends[-1:]])
     region_end = jnp.concatenate([ends, jnp.full((1,), total_rows, jnp.int32)])
     tiles = (region_end - region_start + block_m - 1) // block_m
+    if not zero_tiles:
+        tiles = tiles.at[num_groups].set(0)
     first_tile = jnp.cumsum(tiles) - tiles
     i = jnp.arange(length, dtype=jnp.int32)
     # The region holding tile i: the last one whose first tile is <= i (empty regions have no tile of their own).
@@ -261,29 +197,27 @@ def _dw_kernel(bounds_ref, x_ref, g_ref, dw_ref, *, bk, bn, br, k_dim, n_dim):
 # ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Config:
-    interpret: bool
+    interpret: Optional[bool]  # None: per lowering platform (null_moe.pallas_triton.pallas_call)
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    zero_null_rows: bool
 
-    def call_kwargs(self) -> dict:
-        kwargs = {"interpret": self.interpret}
-        if not self.interpret:
-            params = _triton_compiler_params(self.num_warps, self.num_stages)
-            if params is not None:
-                kwargs["compiler_params"] = params
-        return kwargs
+    def call(self, kernel, *, out_shape, grid, name):
+        return _pallas_call(kernel, out_shape=out_shape, grid=grid, name=name, interpret=self.interpret,
+                            num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def _rows_matmul(a, w, group_sizes, cfg: _Config, *, transpose_w: bool):
-    """out[r] = a[r] @ w[e(r)] (or @ w[e(r)]^T) on real rows, zeros on rows past them."""
+    """out[r] = a[r] @ w[e(r)] (or @ w[e(r)]^T) on real rows; zeros on rows past them (or unwritten: see
+    ``zero_null_rows``)."""
     rows, c_dim = a.shape
     num_groups = w.shape[0]
     o_dim = w.shape[1] if transpose_w else w.shape[2]
     bm, bo, bc = cfg.block_m, cfg.block_n, cfg.block_k
-    sched = tile_schedule(group_sizes, rows, bm)
+    sched = tile_schedule(group_sizes, rows, bm, zero_tiles=cfg.zero_null_rows)
     kernel = functools.partial(
         _rows_kernel,
         num_groups=num_groups,
@@ -294,12 +228,11 @@ def _rows_matmul(a, w, group_sizes, cfg: _Config, *, transpose_w: bool):
         o_dim=o_dim,
         transpose_w=transpose_w,
     )
-    return pl.pallas_call(
+    return cfg.call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((rows, o_dim), a.dtype),
         grid=(_cdiv(o_dim, bo), sched.shape[1]),
         name="null_moe_gmm_dx" if transpose_w else "null_moe_gmm",
-        **cfg.call_kwargs(),
     )(sched, a, w.astype(a.dtype))
 
 
@@ -311,12 +244,11 @@ def _weight_grad(x, g, group_sizes, num_groups: int, out_dtype, cfg: _Config):
     bounds = jnp.stack([starts, ends]).astype(jnp.int32)
     bk, bn, br = cfg.block_m, cfg.block_n, cfg.block_k
     kernel = functools.partial(_dw_kernel, bk=bk, bn=bn, br=br, k_dim=k_dim, n_dim=n_dim)
-    return pl.pallas_call(
+    return cfg.call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((num_groups, k_dim, n_dim), out_dtype),
         grid=(_cdiv(n_dim, bn), _cdiv(k_dim, bk), num_groups),
         name="null_moe_gmm_dw",
-        **cfg.call_kwargs(),
     )(bounds, x, g.astype(x.dtype))
 
 
@@ -340,10 +272,12 @@ def _gmm_bwd(cfg, res, dy):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def _check_block(name: str, value: int, interpret: bool) -> None:
+def _check_block(name: str, value: int, interpret: Optional[bool]) -> None:
+    """Any positive block runs in interpret mode; the compiled kernel (interpret False, or None, which compiles on
+    GPU platforms) needs powers of two >= 16."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not interpret and (value < MIN_GPU_BLOCK or value & (value - 1)):
+    if interpret is not True and (value < MIN_GPU_BLOCK or value & (value - 1)):
         raise ValueError(f"{name} must be a power of two >= {MIN_GPU_BLOCK} for the Triton kernel, got {value}")
 
 
@@ -358,6 +292,7 @@ def triton_gmm(
     block_k: Optional[int] = None,
     num_warps: int = DEFAULT_NUM_WARPS,
     num_stages: Optional[int] = None,
+    zero_null_rows: bool = True,
 ) -> jax.Array:
     """Grouped matmul over expert-sorted rows whose forward, dX and dW touch only the real rows.
 
@@ -365,30 +300,34 @@ def triton_gmm(
         x: [R_total, K] rows sorted by expert; rows >= sum(group_sizes) belong to no expert.
         w: [E, K, N] one weight per expert.
         group_sizes: [E] int rows per expert, sum <= R_total (groups are clipped at R_total otherwise).
-        interpret: run in Pallas interpret mode; None means "when the default backend is not a GPU".
+        interpret: True runs Pallas interpret mode, False the compiled Triton kernels; None (default) decides
+            per lowering platform: compiled for CUDA/ROCm, interpreted elsewhere (null_moe.pallas_triton).
         block_m, block_n: output tile (rows x columns for forward and dX; K x N for dW).
         block_k: contraction step (K for forward, N for dX, rows for dW); None: 64 for 16-bit inputs,
-            32 for 32-bit. On GPU all three must be powers of two >= 16.
+            32 for 32-bit. Compiled, all three must be powers of two >= 16.
         num_warps, num_stages: Triton launch parameters (num_stages None: 4 for 16-bit inputs, 3 otherwise).
+        zero_null_rows: write exact zeros to the output and dX rows past the real ones (default). False leaves
+            them unwritten (their contents are undefined), so the work is the real rows' alone: for callers that
+            never read those rows.
 
     Returns:
-        [R_total, N] in x.dtype: x[r] @ w[e(r)] on real rows, exact zeros past them; differentiable in x
-        (cotangent zero past the real rows) and w (f32 accumulation, cast to w.dtype).
+        [R_total, N] in x.dtype: x[r] @ w[e(r)] on real rows, exact zeros past them (undefined there with
+        ``zero_null_rows=False``); differentiable in x (cotangent zero past the real rows, unless
+        ``zero_null_rows=False``) and w (f32 accumulation, cast to w.dtype; rows past the real ones never read).
     """
     if x.ndim != 2 or w.ndim != 3 or group_sizes.ndim != 1:
         raise ValueError(f"expected x [R, K], w [E, K, N], group_sizes [E]; got {x.shape}, {w.shape}, {group_sizes.shape}")
     if x.shape[1] != w.shape[1] or group_sizes.shape[0] != w.shape[0]:
         raise ValueError(f"shape mismatch: x {x.shape}, w {w.shape}, group_sizes {group_sizes.shape}")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     small = jnp.dtype(x.dtype).itemsize <= 2
     if block_k is None:
         block_k = DEFAULT_BLOCK_K_16BIT if small else DEFAULT_BLOCK_K_32BIT
     if num_stages is None:
         num_stages = 4 if small else 3
     for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        _check_block(name, value, bool(interpret))
+        _check_block(name, value, interpret)
     if x.shape[0] == 0:
         return jnp.zeros((0, w.shape[2]), x.dtype)
-    cfg = _Config(bool(interpret), block_m, block_n, block_k, int(num_warps), int(num_stages))
+    interp = None if interpret is None else bool(interpret)
+    cfg = _Config(interp, block_m, block_n, block_k, int(num_warps), int(num_stages), bool(zero_null_rows))
     return _gmm(x, w, group_sizes.astype(jnp.int32), cfg)
