@@ -48,7 +48,9 @@ def make_dispatch(expert_ids: jax.Array, weights: jax.Array, n_real: int) -> Dis
     k = expert_ids.shape[-1]
     flat = expert_ids.reshape(-1).astype(jnp.int32)
     sort_idx = jnp.argsort(flat, stable=True).astype(jnp.int32)
-    inv_idx = jnp.argsort(sort_idx).astype(jnp.int32)
+    # The inverse permutation by one scatter of int32 indices (a second sort would cost as much as the first).
+    inv_idx = jnp.zeros_like(sort_idx).at[sort_idx].set(jnp.arange(sort_idx.shape[0], dtype=jnp.int32),
+                                                          unique_indices=True)
     row_weights = _permute_rows(weights.reshape(-1, 1), sort_idx, inv_idx)[:, 0]
     group_sizes = real_assignment_counts(flat, n_real)
     return Dispatch(sort_idx, inv_idx, sort_idx // k, row_weights, group_sizes, jnp.sum(group_sizes))

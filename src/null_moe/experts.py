@@ -1,7 +1,9 @@
 """The routed experts: dispatch -> per-expert gated MLP -> combine, for flat tokens on one device.
 
 This module composes the pure stages; it holds no kernel and no routing. ``gmm.py`` provides the grouped
-matmul backends, ``dispatch.py`` the row movements, ``tiled.py`` the fused CPU kernel. Raw arrays throughout.
+matmul backends, ``dispatch.py`` the row movements, ``tiled.py`` the fused CPU kernel and ``triton_fused.py`` the
+fused GPU kernels. :func:`expert_path` is the one place that says whether the fused path runs. Raw arrays
+throughout.
 """
 
 from __future__ import annotations
@@ -13,6 +15,16 @@ import jax
 from .dispatch import Dispatch, combine_rows, dispatch_rows, make_dispatch
 from .gmm import grouped_matmul, resolve_backend
 from .tiled import DEFAULT_TILE_ROWS, tiled_expert_mlp
+from .triton_fused import triton_expert_mlp
+
+#: Backends with a fused expert path: gather, the three projections and the weighted combine in their own kernels.
+FUSED_BACKENDS = ("tiled", "triton")
+
+
+def expert_path(backend: str, fused: bool) -> str:
+    """"fused" when ``backend`` (a resolved gmm backend) runs the fused expert kernels for ``fused=True``, else
+    "unfused" (dispatch -> three grouped matmuls -> combine)."""
+    return "fused" if fused and backend in FUSED_BACKENDS else "unfused"
 
 
 def gated_mlp_rows(
@@ -53,8 +65,9 @@ def expert_mlp(
         weights: [T, k] gate weights (0 on null slots).
         w1, w3: [E, D, F]; w2: [E, F, D]; act: the gate activation.
         backend: grouped-matmul backend, resolved by :func:`null_moe.gmm.resolve_backend`.
-        fused: on ``tiled``, run gather, the three projections and the weighted combine as one kernel over the
-            real tiles (:func:`null_moe.tiled.tiled_expert_mlp`); otherwise dispatch, three grouped matmuls and
+        fused: on ``tiled`` and ``triton``, run gather, the three projections and the weighted combine in the
+            backend's fused kernels (:func:`null_moe.tiled.tiled_expert_mlp` on CPU,
+            :func:`null_moe.triton_fused.triton_expert_mlp` on GPU); otherwise dispatch, three grouped matmuls and
             combine run as separate stages (always so on the other backends).
     Returns:
         [T, D]. Null slots reach no expert matmul, forward or backward.
@@ -78,11 +91,15 @@ def experts_on_dispatch(
     fused: bool = True,
 ) -> jax.Array:
     """:func:`expert_mlp` for a dispatch already made: [T, D] tokens -> [T, D] routed output."""
-    if backend == "tiled" and fused:
-        with jax.named_scope("experts_tiled_fused"):
-            return tiled_expert_mlp(
-                x, d.token_idx, d.row_weights, d.group_sizes, w1, w2, w3, tile_rows or DEFAULT_TILE_ROWS, act
-            )
+    if expert_path(backend, fused) == "fused":
+        if backend == "tiled":
+            with jax.named_scope("experts_tiled_fused"):
+                return tiled_expert_mlp(
+                    x, d.token_idx, d.row_weights, d.group_sizes, w1, w2, w3, tile_rows or DEFAULT_TILE_ROWS, act
+                )
+        with jax.named_scope("experts_triton_fused"):
+            inv = d.inv_idx.reshape(x.shape[0], -1)
+            return triton_expert_mlp(x, d.token_idx, inv, d.row_weights, d.group_sizes, w1, w2, w3, act)
     with jax.named_scope("dispatch"):
         xs = dispatch_rows(x, d)
     with jax.named_scope(f"experts_{backend}"):

@@ -10,7 +10,8 @@ Backends (chosen in exactly one place, :func:`resolve_backend`):
   dynamic trip count visits only the tiles that hold real rows, so forward, dX and dW all cost O(R), not O(T k).
 - ``megablox``: the TPU Pallas kernel that Haliax's ``gmm_sharded`` wraps; it visits only tiles of real groups.
 - ``triton``: this project's Pallas-Triton kernel (null_moe.triton_gmm) for NVIDIA GPUs: programs past the
-  real rows exit early, forward, dX and dW. On other platforms it runs in Pallas interpret mode (tests).
+  real rows exit early, forward, dX and dW. On other platforms it runs in Pallas interpret mode (tests). The
+  layer's default on GPU runs the fused expert kernels of null_moe.triton_fused instead (null_moe.experts).
 - ``tokamax``: tokamax's ``ragged_dot`` (selectable when installed); its kernels leave rows past R unwritten,
   so they are masked here like megablox's.
 - ``ragged_dot``: ``jax.lax.ragged_dot``; the reference. On CPU it runs every group densely whatever R is, and
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import GMM_BACKENDS
+from .pallas_triton import triton_available
 from .tiled import DEFAULT_TILE_ROWS, tiled_gmm
 from .triton_gmm import triton_gmm
 
@@ -41,8 +43,10 @@ def _tokamax_available() -> bool:
 def resolve_backend(requested: str = "auto", platform: Optional[str] = None) -> str:
     """The backend that runs for ``requested`` on ``platform`` (default: ``jax.default_backend()``).
 
-    auto: cpu -> tiled, tpu -> megablox, gpu -> triton. Explicit names run as asked (``triton`` off GPU runs
-    in Pallas interpret mode); ``tokamax`` needs the package.
+    auto: cpu -> tiled, tpu -> megablox, gpu -> triton; where this JAX no longer has Pallas' Triton backend
+    (deprecated in JAX 0.11), gpu -> tokamax if installed, else ragged_dot (the unfused path). Explicit names run
+    as asked (``triton`` off GPU runs in Pallas interpret mode); ``tokamax`` needs the package and ``triton``
+    Pallas' Triton backend.
     """
     if requested not in GMM_BACKENDS:
         raise ValueError(f"gmm_backend must be one of {GMM_BACKENDS}, got {requested!r}")
@@ -50,11 +54,18 @@ def resolve_backend(requested: str = "auto", platform: Optional[str] = None) -> 
     if requested != "auto":
         if requested == "tokamax" and not _tokamax_available():
             raise ValueError("gmm_backend='tokamax' needs the tokamax package (pip install tokamax)")
+        if requested == "triton" and not triton_available():
+            raise ValueError(
+                f"gmm_backend='triton' needs Pallas' Triton backend, which jax {jax.__version__} does not have; "
+                "gmm_backend='auto' picks what this jax offers"
+            )
         return requested
     if platform == "tpu":
         return "megablox"
     if platform in ("gpu", "cuda", "rocm"):
-        return "triton"
+        if triton_available():
+            return "triton"
+        return "tokamax" if _tokamax_available() else "ragged_dot"
     return "tiled"
 
 

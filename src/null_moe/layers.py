@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec
 
 from . import routing as R
 from .config import ACTIVATIONS, NullMoEConfig
-from .experts import expert_mlp
+from .experts import expert_mlp, expert_path
 from .gmm import resolve_backend
 from .transport import block_capacity, ep_expert_mlp, resolve_transport, send_traffic, shard_map_unchecked
 
@@ -161,6 +161,12 @@ class NullRoutedMoE(eqx.Module):
     def backend(self) -> str:
         """The grouped-matmul backend that runs on this platform for ``config.gmm_backend``."""
         return resolve_backend(self.config.gmm_backend)
+
+    @property
+    def expert_path(self) -> str:
+        """"fused" when the backend's fused expert kernels run (tiled on CPU, triton on GPU, with
+        ``config.fused_experts``), else "unfused" (dispatch -> three grouped matmuls -> combine)."""
+        return expert_path(self.backend, self.config.fused_experts)
 
     @property
     def transport(self) -> str:
