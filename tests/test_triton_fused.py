@@ -426,3 +426,57 @@ def test_import_without_pallas_triton_module():
     proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK tiled" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On a GPU: the compiled kernels (scripts/gpu/device_check.sh runs these; skipped elsewhere).
+# ---------------------------------------------------------------------------------------------------------------
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.accelerator
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU (jax.default_backend() == 'gpu')")
+@pytest.mark.parametrize(
+    "dtype,dims",
+    [
+        ("bfloat16", (1000, 8, 200, 360, 12)),  # T, k, D, F, E: no dimension a multiple of the default tiles
+        ("float32", (512, 4, 256, 384, 8)),
+    ],
+)
+def test_gpu_compiled_matches_reference(dtype, dims):
+    dtype = jnp.dtype(dtype)
+    t, k, d, f, e = dims
+    kx, kw, kc = jax.random.split(jax.random.PRNGKey(t), 3)
+    x = jax.random.normal(kx, (t, d)).astype(dtype)
+    w1, w2, w3 = _weights(kw, dtype, d=d, f=f, e=e)
+    cot = jax.random.normal(kc, (t, d)).astype(dtype)
+
+    @jax.jit
+    def ours(ids, wts, x, w1, w2, w3, cot):
+        def op(wts, x, w1, w2, w3):
+            dd = make_dispatch(ids, wts, e)
+            return TF.triton_expert_mlp(x, dd.token_idx, dd.inv_idx.reshape(t, k), dd.row_weights, dd.group_sizes,
+                                        w1, w2, w3, interpret=False)
+
+        out, vjp = jax.vjp(op, wts, x, w1, w2, w3)
+        return out, vjp(cot)
+
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    # bf16: f32 accumulation, a / b / h / y rounded once each; f32 inputs run as TF32 on the tensor cores
+    tol = 3e-2 if dtype == jnp.bfloat16 else 1e-2
+    for null_frac in (0.0, 0.5, 0.9, 1.0):
+        ids, wts = _routing(int(null_frac * 10) + t, null_frac, t=t, k=k, e=e)
+        all_null = jnp.asarray(np.all(np.asarray(ids) == e, axis=1))[:, None]
+        x_p = jnp.where(all_null, jnp.nan, x).astype(dtype)
+        cot_p = jnp.where(all_null, jnp.nan, cot).astype(dtype)
+        out, grads = ours(ids, wts, x_p, w1, w2, w3, cot_p)
+        ref_out, ref_grads = _reference_value_and_grads(
+            ids, wts, jnp.where(all_null, 0.0, f32(x)), f32(w1), f32(w2), f32(w3), jnp.where(all_null, 0.0, f32(cot))
+        )
+        if null_frac == 1.0:
+            for got in (out, *grads):
+                assert np.all(np.asarray(got, np.float32) == 0)
+            continue
+        _close(out, ref_out, tol, f"out p={null_frac}")
+        for name, got, want in zip(("wts", "x", "w1", "w2", "w3"), grads, ref_grads):
+            _close(got, want, tol, f"{name} p={null_frac}")

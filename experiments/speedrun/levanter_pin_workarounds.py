@@ -38,6 +38,9 @@ their call sites in ``custom_mixtral.py`` / ``train.py``); nothing else in the p
    Each piece is applied only where the running JAX needs it (probed, not read from the version number), and
    says so once in the log. The core's own JAX shims (haliax calls removed JAX functions) live in
    ``null_moe.jax_compat``.
+6. **No MFU on an H200** (``h200_flops_known``). Levanter's FLOP table has an ``h200-sxm`` entry, but its device
+   name mapping sends "NVIDIA H200" nowhere, so ``throughput/mfu`` (and this project's realized MFU) are missing
+   there. The mapping is extended to send H200 names to that entry (the H200's compute is the H100 SXM's).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from levanter.tracker import Tracker
 __all__ = [
     "FinalCheckpointerConfig",
     "apply_newer_jax_workarounds",
+    "h200_flops_known",
     "StepAlignedTracker",
     "absolute_checkpoint_paths",
     "log_file_named_after_run_id",
@@ -338,3 +342,27 @@ def apply_newer_jax_workarounds() -> list[str]:
     if applied:
         print(f"jax {jax.__version__}: Levanter workarounds applied: {'; '.join(applied)}", flush=True)
     return applied
+
+
+# --- 6. the H200 in Levanter's FLOP table -----------------------------------------------------------------------
+def h200_flops_known() -> bool:
+    """Makes Levanter map H200 device names to its ``h200-sxm`` FLOP entry (module docstring, item 6); returns
+    whether it changed anything (idempotent)."""
+    from levanter.utils import flop_utils
+
+    original = flop_utils._simplify_device_kind
+    if getattr(original, "__null_moe_h200__", False) or "h200-sxm" not in flop_utils.DEVICE_AVAILABLE_FLOPS:
+        return False
+    if original("NVIDIA H200") in flop_utils.DEVICE_AVAILABLE_FLOPS:
+        return False  # this Levanter already knows it
+
+    @functools.wraps(original)
+    def _simplify_device_kind(kind: str) -> str:
+        simple = original(kind)
+        if simple not in flop_utils.DEVICE_AVAILABLE_FLOPS and "h200" in kind.lower():
+            return "h200-sxm"
+        return simple
+
+    _simplify_device_kind.__null_moe_h200__ = True
+    flop_utils._simplify_device_kind = _simplify_device_kind
+    return True

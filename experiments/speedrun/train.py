@@ -258,6 +258,7 @@ def run_training(config) -> int:
         raise ConfigError(str(e)) from None
 
     pin.apply_newer_jax_workarounds()
+    pin.h200_flops_known()
     pin.absolute_checkpoint_paths(config)
     done = completed_steps(config)
     if done is not None and done >= num_train_steps:

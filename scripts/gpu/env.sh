@@ -14,6 +14,8 @@
 null_moe_gpu_env() {
   NULL_MOE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
   PY="${PYTHON:-python3}"
+  export PY NULL_MOE_ROOT
+  local status=0
   local site="${NULL_MOE_SITE:-/tmp/null_moe_site}"
   local need=() whl dist have
   shopt -s nullglob
@@ -30,10 +32,11 @@ null_moe_gpu_env() {
   mkdir -p "$site"
   if [ "${#need[@]}" -gt 0 ]; then
     echo "installing ${#need[@]} carried wheels into $site"
-    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-        "${need[@]}"; then
+    # --ignore-requires-python: a wheel this Python cannot use (tokamax needs 3.12) must not stop the others
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --ignore-requires-python \
+        --target "$site" "${need[@]}"; then
       echo "!! wheel install failed"
-      return 1
+      status=1
     fi
   elif [ "${#wheels[@]}" -eq 0 ]; then
     echo "no wheels/gpu/*.whl carried (run scripts/gpu/fetch_wheels.sh where PyPI is reachable, carry wheels/gpu)"
@@ -53,5 +56,5 @@ null_moe_gpu_env() {
   export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT="${WANDB_SILENT:-true}"
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
   export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
-  export PY NULL_MOE_ROOT
+  return "$status"
 }

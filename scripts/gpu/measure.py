@@ -1,37 +1,32 @@
 #!/usr/bin/env python
-"""Timings for the GPU check: the Triton grouped matmul alone, then the null-routed layer (scripts/gpu/README.md).
+"""The GPU check's JAX timings (scripts/gpu/README.md): the null-routed layer, then the grouped matmul alone.
 
-Sections, bf16 before f32 so that the goals come first if time runs short:
+Sections, most important first (a group that would start after ``--budget-s`` is skipped and recorded so):
 
-- ``gmm``: the grouped matmul at (R, K, N, E) = (16384, 2048, 1408, 60) and (16384, 512, 1024, 16), forward and
-  forward + backward (the output and its VJP for a fixed cotangent w.r.t. x and w), at 100 %, 50 % and 10 %
-  real rows, for ``triton`` (null_moe.triton_gmm), ``ragged_dot`` (jax.lax.ragged_dot, rows past R masked) and
-  ``tokamax`` (when ``import tokamax`` works), against ``dense``: one plain matmul of all R rows by one expert's
-  weight. Real rows are the first f R of one fixed random expert assignment, so every expert keeps about f of
-  its rows (as null routing does).
-- ``layer``: ``null_moe.NullRoutedMoE`` forward + backward (to the weights and x) with forced routing at
-  tokens 32768, hidden 2048, mlp 1408, 60 experts, k 8, null 0 / 0.1 / 0.5 / 0.9, modes independent and
-  take_until_null. The null mask is an input, so one executable serves every point.
+- ``layer``: ``null_moe.NullRoutedMoE`` forward + backward (to every weight and x) with forced routing at the
+  first seed shape (tokens 32768, hidden 2048, mlp 1408, 60 experts, k 8), null 0 / 0.5 / 0.9 / every slot, both
+  null modes, for each expert path in ``--layer-paths``: ``triton`` (the default GPU path: fused kernels),
+  ``triton_unfused`` (dispatch -> three grouped matmuls -> combine) and ``tokamax`` (tokamax's grouped matmul,
+  when it imports). The masks are inputs (scripts/gpu/inputs.py, shared with the PyTorch peer), so one executable
+  serves every point of a path.
+- ``gmm``: the grouped matmul 262,144 x 2048 -> 1408 over 60 experts: ``dense`` (one jnp.dot of all rows),
+  ``triton`` (null_moe.triton_gmm, zeros written past the real rows, as the unfused layer uses it),
+  ``triton_skip`` (rows past the real ones left unwritten) and ``tokamax``; forward at 100 % real rows and
+  forward + backward at 100 / 50 / 10 %.
 
-Timing: every case is compiled (and run once) first; then ``--rounds`` rounds each run every case once
-(``--iters`` back-to-back calls, then block), in the same order; the figure is the median over rounds of the
-per-call time. Rows go to ``OUT/gpu_results.csv`` as soon as a group finishes, each group guarded so that one
-failure loses only itself; a markdown summary with the goal checks is printed at the end and written to
-``OUT/summary.md``.
-
-``--tiny`` shrinks every shape for a CPU smoke run (the Triton kernel then runs in Pallas interpret mode);
-``--backend`` picks the layer's ``gmm_backend`` (``tiled`` for CPU smoke runs).
+Timing (scripts/bench/timer.py, the project's one timer): every case compiled and run first, then ``--rounds``
+interleaved rounds; each sample is a run of back-to-back calls holding at least ``--min-round-ms`` of device work
+(the count calibrated per case), its time per call recorded; the figure is the median. Rows go to
+``OUT/gpu_results.csv`` as each group finishes (scripts/gpu/results.py); scripts/gpu/summary.py writes the
+summary. ``--tiny`` shrinks every shape for a CPU run (the Triton kernels then run in Pallas interpret mode).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import math
 import pathlib
-import re
-import statistics
 import sys
 import time
 import traceback
@@ -46,357 +41,23 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-# The Pallas Triton backend announces its deprecation on every lowering (jax >= 0.10); it still works.
+from scripts.bench import timer  # noqa: E402
+from scripts.gpu import inputs  # noqa: E402
+from scripts.gpu.results import Results, timing_note  # noqa: E402
+
+# The Pallas Triton backend announces its deprecation on every lowering (jax >= 0.11); it still works.
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-COLUMNS = [
-    "section",
-    "backend",
-    "dtype",
-    "shape",
-    "real_frac_or_null",
-    "mode",
-    "pass",
-    "median_ms",
-    "ratio",
-    "ratio_of",
-    "tokens_per_s",
-    "note",
-]
-
-GMM_SHAPES = [(16384, 2048, 1408, 60), (16384, 512, 1024, 16)]
-GMM_SHAPES_TINY = [(192, 32, 48, 4)]
-REAL_FRACS = (1.0, 0.5, 0.1)
-LAYER = {"tokens": 32768, "hidden": 2048, "mlp": 1408, "experts": 60, "k": 8}
-LAYER_TINY = {"tokens": 64, "hidden": 32, "mlp": 48, "experts": 4, "k": 2}
-NULLS = (0.0, 0.1, 0.5, 0.9)
-MODES = ("independent", "take_until_null")
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
-
-# Goals (the issue's): Triton at 100 % real rows >= 0.70 of dense speed (bf16); fwd+bwd at 50 % / 10 % real rows
-# <= 0.55 / 0.15 of the 100 % time; layer tokens/s at null 0.9 >= 4x null 0.0 (k = 8).
-GOAL_DENSE_SPEED = 0.70
-GOAL_FRAC_TIME = {0.5: 0.55, 0.1: 0.15}
-GOAL_LAYER_SPEEDUP = 4.0
+_T0 = time.perf_counter()
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _import_triton_gmm():
-    """null_moe.triton_gmm.triton_gmm; from the file alone if the package (which needs haliax) cannot import."""
-    try:
-        from null_moe.triton_gmm import triton_gmm
-
-        return triton_gmm
-    except ImportError as err:
-        log(f"[measure] import null_moe failed ({err}); loading triton_gmm.py on its own")
-        path = ROOT / "src" / "null_moe" / "triton_gmm.py"
-        spec = importlib.util.spec_from_file_location("null_moe_triton_gmm_standalone", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module.triton_gmm
-
-
-class Results:
-    """CSV rows written (and flushed) as they come, kept for the summary."""
-
-    def __init__(self, out_dir: pathlib.Path):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = out_dir / "gpu_results.csv"
-        self.rows: list[dict] = []
-        self._fh = open(self.path, "w", newline="")
-        self._writer = csv.DictWriter(self._fh, fieldnames=COLUMNS)
-        self._writer.writeheader()
-        self._fh.flush()
-
-    def add(self, **row) -> None:
-        if "pass_" in row:  # 'pass' is a Python keyword
-            row["pass"] = row.pop("pass_")
-        full = {c: row.get(c, "") for c in COLUMNS}
-        for key in ("median_ms", "ratio", "tokens_per_s"):
-            if isinstance(full[key], float):
-                full[key] = f"{full[key]:.6g}"
-        self.rows.append(full)
-        self._writer.writerow(full)
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
-
-
-def time_cases(cases: list[tuple], rounds: int, iters: int) -> dict:
-    """cases: (key, fn, args), each already compiled and run once. Interleaved rounds; median ms per call."""
-    samples: dict = {key: [] for key, _, _ in cases}
-    for _ in range(rounds):
-        for key, fn, args in cases:
-            start = time.perf_counter()
-            out = None
-            for _ in range(iters):
-                out = fn(*args)
-            jax.block_until_ready(out)
-            samples[key].append((time.perf_counter() - start) / iters * 1e3)
-    return {key: statistics.median(v) for key, v in samples.items()}
-
-
-def _warm(fn, args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
 def _short_error(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".replace("\n", " ")
-    return text[:300]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Environment.
-# ---------------------------------------------------------------------------------------------------------------
-def cudnn_version() -> str:
-    try:
-        from jax._src.lib import cuda_versions
-
-        if cuda_versions is None:
-            return "n/a (no CUDA plugin)"
-        return str(cuda_versions.cudnn_get_version())
-    except Exception as err:  # noqa: BLE001 - report, never fail
-        return f"n/a ({_short_error(err)})"
-
-
-def environment_row(results: Results) -> None:
-    import jaxlib
-
-    try:
-        import triton  # noqa: F401
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001
-        triton_version = "n/a"
-    info = {
-        "python": sys.version.split()[0],
-        "jax": jax.__version__,
-        "jaxlib": getattr(jaxlib, "__version__", "?"),
-        "backend": jax.default_backend(),
-        "devices": ";".join(str(d.device_kind) for d in jax.devices()),
-        "cudnn": cudnn_version(),
-        "triton(pip)": triton_version,
-        "tokamax": "yes" if importlib.util.find_spec("tokamax") else "no",
-    }
-    note = " ".join(f"{k}={v}" for k, v in info.items())
-    log(f"[env] {note}")
-    results.add(section="env", note=note)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Section 1: the grouped matmul alone.
-# ---------------------------------------------------------------------------------------------------------------
-def _masked(out, gs):
-    real = jnp.arange(out.shape[0])[:, None] < jnp.sum(gs)
-    return jnp.where(real, out, 0).astype(out.dtype)
-
-
-def gmm_backends(names: list[str]) -> dict:
-    fns = {}
-    if "triton" in names:
-        triton_gmm = _import_triton_gmm()
-        fns["triton"] = lambda x, w, gs: triton_gmm(x, w, gs)
-    if "ragged_dot" in names:
-        fns["ragged_dot"] = lambda x, w, gs: _masked(jax.lax.ragged_dot(x, w, gs, preferred_element_type=x.dtype), gs)
-    if "tokamax" in names:
-        try:
-            import tokamax
-
-            fns["tokamax"] = lambda x, w, gs: _masked(tokamax.ragged_dot(x, w, gs), gs)
-        except Exception as err:  # noqa: BLE001
-            log(f"[gmm] tokamax unavailable: {_short_error(err)}")
-    return fns
-
-
-def _fwd(f):
-    return lambda x, w, gs, cot: f(x, w, gs)
-
-
-def _fwdbwd(f):
-    def run(x, w, gs, cot):
-        y, vjp = jax.vjp(lambda x, w: f(x, w, gs), x, w)
-        dx, dw = vjp(cot)
-        return y, dx, dw
-
-    return run
-
-
-def _dense_fwd(x, w0, cot):
-    return jnp.dot(x, w0)
-
-
-def _dense_fwdbwd(x, w0, cot):
-    y, vjp = jax.vjp(lambda x, w0: jnp.dot(x, w0), x, w0)
-    return (y, *vjp(cot))
-
-
-def hlo_facts(compiled_text: str) -> str:
-    ragged = bool(re.search(r"ragged[-_]dot", compiled_text))
-    targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled_text)))
-    return f"ragged-dot op in compiled HLO: {'yes' if ragged else 'no'}; custom-calls: {','.join(targets) or 'none'}"
-
-
-def group_sizes_by_frac(rows: int, experts: int, seed: int) -> dict:
-    ids = np.random.default_rng(seed).integers(0, experts, size=rows)
-    return {f: jnp.asarray(np.bincount(ids[: int(round(f * rows))], minlength=experts), jnp.int32) for f in REAL_FRACS}
-
-
-def gmm_section(results: Results, args, dtype_name: str, shapes: list[tuple]) -> None:
-    dtype = DTYPES[dtype_name]
-    backends = gmm_backends(args.gmm_backends)
-    for shape in shapes:
-        if over_budget(args, f"gmm {dtype_name} {shape}"):
-            results.add(section="gmm", dtype=dtype_name, shape=_shape_str(shape), note="skipped: time budget")
-            continue
-        try:
-            _gmm_shape(results, args, dtype, dtype_name, shape, backends)
-        except Exception as err:  # noqa: BLE001 - one shape's failure must not lose the rest
-            traceback.print_exc()
-            results.add(section="gmm", dtype=dtype_name, shape=_shape_str(shape), note=f"failed: {_short_error(err)}")
-
-
-def _shape_str(shape) -> str:
-    rows, k, n, e = shape
-    return f"R={rows} K={k} N={n} E={e}"
-
-
-def _gmm_shape(results, args, dtype, dtype_name, shape, backends) -> None:
-    rows, k, n, e = shape
-    label = _shape_str(shape)
-    kx, kw, kc = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (rows, k), jnp.float32).astype(dtype)
-    w = (jax.random.normal(kw, (e, k, n), jnp.float32) / math.sqrt(k)).astype(dtype)
-    cot = jax.random.normal(kc, (rows, n), jnp.float32).astype(dtype)
-    w0 = w[0]
-    sizes = group_sizes_by_frac(rows, e, seed=1)
-    cases, notes = [], {}
-    log(f"[gmm] {dtype_name} {label}: compiling")
-    for name, f in [("dense", None), *backends.items()]:
-        for pass_name in ("fwd", "fwdbwd"):
-            try:
-                if name == "dense":
-                    fn = jax.jit(_dense_fwd if pass_name == "fwd" else _dense_fwdbwd)
-                    call_args = {1.0: (x, w0, cot)}
-                else:
-                    fn = jax.jit(_fwd(f) if pass_name == "fwd" else _fwdbwd(f))
-                    call_args = {frac: (x, w, gs, cot) for frac, gs in sizes.items()}
-                compile_s = _warm(fn, call_args[1.0])
-                note = f"compile+first_s={compile_s:.1f}"
-                if name in ("ragged_dot", "triton") and pass_name == "fwd" and jax.default_backend() == "gpu":
-                    try:
-                        note += "; " + hlo_facts(fn.lower(*call_args[1.0]).compile().as_text())
-                    except Exception as err:  # noqa: BLE001
-                        note += f"; hlo text unavailable ({_short_error(err)})"
-                notes[(name, pass_name)] = note
-                for frac, a in call_args.items():
-                    cases.append(((name, pass_name, frac), fn, a))
-                log(f"[gmm]   {name} {pass_name}: {note}")
-            except Exception as err:  # noqa: BLE001
-                traceback.print_exc()
-                results.add(
-                    section="gmm", backend=name, dtype=dtype_name, shape=label, pass_=pass_name,
-                    note=f"compile/run failed: {_short_error(err)}",
-                )
-    times = time_cases(cases, args.rounds, args.iters)
-    for (name, pass_name, frac), ms in sorted(times.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
-        if name == "dense":
-            ratio, ratio_of = 1.0, "dense_speed"
-        elif frac == 1.0:
-            dense = times.get(("dense", pass_name, 1.0))
-            ratio, ratio_of = (dense / ms if dense else ""), "dense_speed (t_dense/t)"
-        else:
-            full = times.get((name, pass_name, 1.0))
-            ratio, ratio_of = (ms / full if full else ""), "t/t(100%)"
-        real_rows = int(np.sum(np.asarray(sizes[frac]))) if name != "dense" else rows
-        results.add(
-            section="gmm", backend=name, dtype=dtype_name, shape=label, real_frac_or_null=frac, mode="",
-            pass_=pass_name, median_ms=ms, ratio=ratio, ratio_of=ratio_of,
-            note=f"real_rows={real_rows}; {notes.get((name, pass_name), '')}",
-        )
-        log(f"[gmm]   {dtype_name} {label} {name:10s} {pass_name:6s} real={frac:<4} {ms:9.3f} ms  ratio={ratio}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Section 2: the layer, forward + backward.
-# ---------------------------------------------------------------------------------------------------------------
-def layer_section(results: Results, args, dtype_name: str, dims: dict) -> None:
-    label = f"T={dims['tokens']} D={dims['hidden']} F={dims['mlp']} E={dims['experts']} k={dims['k']}"
-    if over_budget(args, f"layer {dtype_name}"):
-        results.add(section="layer", backend=args.backend, dtype=dtype_name, shape=label, note="skipped: time budget")
-        return
-    try:
-        _layer(results, args, dtype_name, dims, label)
-    except Exception as err:  # noqa: BLE001
-        traceback.print_exc()
-        note = f"failed: {_short_error(err)}"
-        results.add(section="layer", backend=args.backend, dtype=dtype_name, shape=label, note=note)
-
-
-def _layer(results, args, dtype_name, dims, label) -> None:
-    import equinox as eqx
-    import haliax as hax
-
-    from null_moe import NullMoEConfig, NullRoutedMoE
-    from null_moe.routing import forced_null_mask
-
-    dtype = DTYPES[dtype_name]
-    tokens, k = dims["tokens"], dims["k"]
-    cfg = NullMoEConfig(
-        hidden_dim=dims["hidden"],
-        intermediate_dim=dims["mlp"],
-        n_routed_experts=dims["experts"],
-        num_experts_per_tok=k,
-        gmm_backend=args.backend,
-    )
-    k_init, k_x, k_cot = jax.random.split(jax.random.PRNGKey(2), 3)
-    layer = NullRoutedMoE.init(cfg, key=k_init)
-    layer = jax.tree_util.tree_map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, layer)
-    params, static = eqx.partition(layer, eqx.is_inexact_array)
-    Batch = hax.Axis("batch", tokens)
-    x = hax.named(jax.random.normal(k_x, (tokens, cfg.hidden_dim), jnp.float32).astype(dtype), (Batch, cfg.Embed))
-    cot = jax.random.normal(k_cot, (tokens, cfg.hidden_dim), jnp.float32)
-
-    def loss(params, x, mask):
-        model = eqx.combine(params, static)
-        routing = model.route_forced(x, null_mask=mask)
-        y, _ = model.apply(x, routing)
-        return jnp.sum(y.array.astype(jnp.float32) * cot)
-
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    masks = {}
-    for mode in MODES:
-        for p in NULLS:
-            key = jax.random.PRNGKey(int(p * 1000) + (0 if mode == "independent" else 7))
-            masks[(p, mode)] = jax.block_until_ready(forced_null_mask(key, tokens, k, p, mode))
-    log(f"[layer] {dtype_name} {label} backend={args.backend} (resolved {layer.backend}): compiling")
-    compile_s = _warm(step, (params, x, masks[(0.0, MODES[0])]))
-    log(f"[layer]   compile+first {compile_s:.1f} s")
-    cases = [((p, mode), step, (params, x, masks[(p, mode)])) for (p, mode) in masks]
-    times = time_cases(cases, args.rounds, args.layer_iters)
-    for (p, mode), ms in sorted(times.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        tps = tokens / (ms / 1e3)
-        base = times.get((0.0, mode))
-        ratio = (base / ms) if base else ""
-        realized = float(jnp.mean(masks[(p, mode)]))
-        results.add(
-            section="layer", backend=args.backend, dtype=dtype_name, shape=label, real_frac_or_null=p, mode=mode,
-            pass_="fwdbwd", median_ms=ms, ratio=ratio, ratio_of="tokens_per_s/tokens_per_s(null 0)", tokens_per_s=tps,
-            note=f"realized_null={realized:.4f}; resolved_backend={layer.backend}; compile+first_s={compile_s:.1f}",
-        )
-        log(f"[layer]   {dtype_name} null={p:<4} {mode:16s} {ms:9.3f} ms  {tps:12.0f} tok/s  speedup={ratio}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Budget and summary.
-# ---------------------------------------------------------------------------------------------------------------
-_T0 = time.perf_counter()
+    return f"{type(err).__name__}: {err}".replace("\n", " ")[:300]
 
 
 def over_budget(args, what: str) -> bool:
@@ -407,89 +68,236 @@ def over_budget(args, what: str) -> bool:
     return False
 
 
-def _num(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+def _time(calls, args):
+    return timer.interleaved(calls, warmup=args.warmup, rounds=args.rounds, min_round_s=args.min_round_ms / 1e3)
 
 
-def goal_checks(rows: list[dict]) -> list[tuple[str, float, bool]]:
-    """(description, value, met) for each goal the rows allow checking (bf16 only)."""
+def environment_row(results: Results) -> None:
+    import jaxlib
 
-    def find(**want):
-        return [r for r in rows if all(str(r.get(k)) == str(v) for k, v in want.items())]
+    def version(dist):
+        try:
+            import importlib.metadata as md
 
-    checks = []
-    for r in find(section="gmm", backend="triton", dtype="bf16", real_frac_or_null="1.0"):
-        v = _num(r["ratio"])
-        if v is not None:
-            what = f"triton {r['pass']} at 100% real >= {GOAL_DENSE_SPEED} of dense speed (bf16, {r['shape']})"
-            checks.append((what, v, v >= GOAL_DENSE_SPEED))
-    for frac, goal in GOAL_FRAC_TIME.items():
-        for r in find(section="gmm", backend="triton", dtype="bf16", real_frac_or_null=str(frac), **{"pass": "fwdbwd"}):
-            v = _num(r["ratio"])
-            if v is not None:
-                what = f"triton fwd+bwd time at {int(frac * 100)}% real <= {goal} of 100% (bf16, {r['shape']})"
-                checks.append((what, v, v <= goal))
-    for r in find(section="layer", dtype="bf16", real_frac_or_null="0.9"):
-        v = _num(r["ratio"])
-        if v is not None:
-            what = f"layer tokens/s null 0.9 vs 0.0 >= {GOAL_LAYER_SPEEDUP}x ({r['mode']}, bf16, {r['backend']})"
-            checks.append((what, v, v >= GOAL_LAYER_SPEEDUP))
-    return checks
+            return md.version(dist)
+        except Exception:  # noqa: BLE001
+            return "-"
+
+    from null_moe.pallas_triton import triton_available
+
+    info = {
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "jaxlib": getattr(jaxlib, "__version__", "?"),
+        "backend": jax.default_backend(),
+        "devices": ";".join(str(d.device_kind) for d in jax.devices()),
+        "triton(pip)": version("triton"),
+        "pallas_triton": "yes" if triton_available() else "no",
+        "tokamax": version("tokamax"),
+        "torch": version("torch"),
+    }
+    note = " ".join(f"{k}={v}" for k, v in info.items())
+    log(f"[env] {note}")
+    results.add(section="env", note=note)
 
 
-def summary(results: Results) -> str:
-    rows = results.rows
-    lines = ["## GPU measurements", ""]
-    env = [r for r in rows if r["section"] == "env"]
-    if env:
-        lines += [f"Environment: {env[0]['note']}", ""]
-    checks = goal_checks(rows)
-    lines += ["### Goal checks", "", "| check | value | met |", "| --- | --- | --- |"]
-    lines += [f"| {what} | {value:.3f} | {'yes' if ok else 'NO'} |" for what, value, ok in checks]
-    if not checks:
-        lines.append("| (no data) | | |")
-    lines += ["", "### Results", ""]
-    lines.append("| section | backend | dtype | shape | real/null | mode | pass | ms | ratio (of) | tok/s | failure |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        if r["section"] == "env":
+# ---------------------------------------------------------------------------------------------------------------
+# The layer.
+# ---------------------------------------------------------------------------------------------------------------
+LAYER_PATHS = {
+    # name -> (gmm_backend, fused_experts)
+    "triton": ("triton", True),
+    "triton_unfused": ("triton", False),
+    "tokamax": ("tokamax", False),
+    "tiled": ("tiled", True),
+}
+
+
+def layer_section(results: Results, args, dtype_name: str, dims: dict) -> None:
+    for path in args.layer_paths:
+        label = inputs.shape_label(dims)
+        if over_budget(args, f"layer {path}"):
+            results.add(section="layer", backend=path, dtype=dtype_name, shape=label, note="skipped: time budget")
             continue
-        ratio = f"{r['ratio']} ({r['ratio_of']})" if r["ratio"] != "" else ""
-        failure = "" if r["median_ms"] else r["note"]
-        cells = [r["section"], r["backend"], r["dtype"], r["shape"], r["real_frac_or_null"], r["mode"], r["pass"],
-                 r["median_ms"], ratio, r["tokens_per_s"], failure]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    hlo = [r["note"] for r in rows if r["backend"] == "ragged_dot" and "ragged-dot op" in r["note"]]
-    if hlo:
-        lines += ["", f"ragged_dot HLO: {hlo[0].split('; ', 2)[-1]}"]
-    return "\n".join(lines) + "\n"
+        if path == "tokamax" and importlib.util.find_spec("tokamax") is None:
+            results.add(section="layer", backend=path, dtype=dtype_name, shape=label, note="skipped: no tokamax")
+            continue
+        try:
+            _layer(results, args, dtype_name, dims, path)
+        except Exception as err:  # noqa: BLE001 - one path's failure must not lose the others
+            traceback.print_exc()
+            results.add(section="layer", backend=path, dtype=dtype_name, shape=label, note=f"failed: {_short_error(err)}")
 
 
+def _layer(results, args, dtype_name, dims, path) -> None:
+    import equinox as eqx
+    import haliax as hax
+
+    from null_moe import NullMoEConfig, NullRoutedMoE
+
+    dtype = DTYPES[dtype_name]
+    tokens, k = dims["tokens"], dims["k"]
+    backend, fused = LAYER_PATHS[path]
+    cfg = NullMoEConfig(hidden_dim=dims["hidden"], intermediate_dim=dims["mlp"], n_routed_experts=dims["experts"],
+                        num_experts_per_tok=k, gmm_backend=backend, fused_experts=fused)
+    k_init, k_x, k_cot = jax.random.split(jax.random.PRNGKey(2), 3)
+    layer = NullRoutedMoE.init(cfg, key=k_init)
+    layer = jax.tree_util.tree_map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, layer)
+    params, static = eqx.partition(layer, eqx.is_inexact_array)
+    x = hax.named(jax.random.normal(k_x, (tokens, cfg.hidden_dim), jnp.float32).astype(dtype),
+                  (hax.Axis("batch", tokens), cfg.Embed))
+    cot = jax.random.normal(k_cot, (tokens, cfg.hidden_dim), jnp.float32)
+
+    def loss(params, x, mask):
+        model = eqx.combine(params, static)
+        y, _ = model.apply(x, model.route_forced(x, null_mask=mask))
+        return jnp.sum(y.array.astype(jnp.float32) * cot)
+
+    masks = {key: jnp.asarray(m) for key, m in inputs.layer_masks(dims).items()}
+    if path != "triton":  # the contrast paths: enough points to see where the time goes
+        masks = {key: m for key, m in masks.items() if key[1] == "independent" and key[0] in (0.0, 0.9, 1.0)}
+    label = inputs.shape_label(dims)
+    log(f"[layer] {dtype_name} {label} path={path} (backend {layer.backend}, {layer.expert_path}): compiling")
+    first = next(iter(masks.values()))
+    step, compile_s = timer.compile_ahead(jax.value_and_grad(loss, argnums=(0, 1)), params, x, first)
+    log(f"[layer]   compiled in {compile_s:.1f} s")
+    keys = list(masks)
+    timings = _time([(lambda m=masks[key]: step(params, x, m)) for key in keys], args)
+    by_key = dict(zip(keys, timings))
+    for (p, mode), t in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ms = t.median * 1e3
+        base = by_key.get((0.0, mode))
+        ratio = base.median / t.median if base else ""
+        realized = float(np.mean(np.asarray(masks[(p, mode)])))
+        results.add(
+            section="layer", backend=path, dtype=dtype_name, shape=label, real_frac_or_null=p, mode=mode,
+            pass_="fwdbwd", median_ms=ms, ratio=ratio, ratio_of="tokens_per_s/tokens_per_s(null 0)",
+            tokens_per_s=tokens / t.median, timing=timing_note(t, args.rounds),
+            note=(f"realized_null={realized:.4f}; gmm_backend={layer.backend}; expert_path={layer.expert_path}; "
+                  f"compile_s={compile_s:.1f}"),
+        )
+        log(f"[layer]   {path:15s} null={p:<4} {mode:16s} {ms:9.3f} ms  {tokens / t.median:12,.0f} tok/s  "
+            f"x{ratio if ratio == '' else f'{ratio:.2f}'} vs null 0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The grouped matmul alone.
+# ---------------------------------------------------------------------------------------------------------------
+def _gmm_fns(names: list[str]) -> dict:
+    from null_moe.triton_gmm import triton_gmm
+
+    fns = {}
+    if "triton" in names:
+        fns["triton"] = lambda x, w, gs: triton_gmm(x, w, gs)
+    if "triton_skip" in names:
+        fns["triton_skip"] = lambda x, w, gs: triton_gmm(x, w, gs, zero_null_rows=False)
+    if "tokamax" in names:
+        try:
+            import tokamax
+
+            fns["tokamax"] = lambda x, w, gs: tokamax.ragged_dot(x, w, gs)
+        except Exception as err:  # noqa: BLE001
+            log(f"[gmm] tokamax unavailable: {_short_error(err)}")
+    return fns
+
+
+def gmm_section(results: Results, args, dtype_name: str, dims: dict) -> None:
+    label = inputs.shape_label(dims)
+    if over_budget(args, "gmm"):
+        results.add(section="gmm", dtype=dtype_name, shape=label, note="skipped: time budget")
+        return
+    try:
+        _gmm(results, args, dtype_name, dims, label)
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        results.add(section="gmm", dtype=dtype_name, shape=label, note=f"failed: {_short_error(err)}")
+
+
+def _gmm(results, args, dtype_name, dims, label) -> None:
+    dtype = DTYPES[dtype_name]
+    rows, k, n, e = dims["rows"], dims["k"], dims["n"], dims["experts"]
+    kx, kw, kc = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (rows, k), jnp.float32).astype(dtype)
+    w = (jax.random.normal(kw, (e, k, n), jnp.float32) / math.sqrt(k)).astype(dtype)
+    cot = jax.random.normal(kc, (rows, n), jnp.float32).astype(dtype)
+    sizes = {f: jnp.asarray(inputs.group_sizes(rows, e, f)) for f in inputs.REAL_FRACS}
+
+    def fwd(f):
+        return lambda x, w, gs: f(x, w, gs)
+
+    def fwdbwd(f):
+        def run(x, w, gs):
+            y, vjp = jax.vjp(lambda x, w: f(x, w, gs), x, w)
+            return (y, *vjp(cot))
+
+        return run
+
+    cases, notes = [], {}
+    dense_fwd, c_s = timer.compile_ahead(lambda x, w0: jnp.dot(x, w0), x, w[0])
+    cases.append((("dense", "fwd", 1.0), lambda: dense_fwd(x, w[0])))
+    notes[("dense", "fwd")] = f"compile_s={c_s:.1f}; one matmul of all {rows} rows"
+    for name, f in _gmm_fns(args.gmm_backends).items():
+        for pass_name, make in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+            try:
+                exe, c_s = timer.compile_ahead(make(f), x, w, sizes[1.0])
+                notes[(name, pass_name)] = f"compile_s={c_s:.1f}"
+                fracs = (1.0,) if pass_name == "fwd" else inputs.REAL_FRACS
+                for frac in fracs:
+                    cases.append(((name, pass_name, frac), lambda exe=exe, gs=sizes[frac]: exe(x, w, gs)))
+                log(f"[gmm]   {name} {pass_name}: compiled in {c_s:.1f} s")
+            except Exception as err:  # noqa: BLE001
+                traceback.print_exc()
+                results.add(section="gmm", backend=name, dtype=dtype_name, shape=label, pass_=pass_name,
+                            note=f"compile/run failed: {_short_error(err)}")
+    timings = _time([call for _, call in cases], args)
+    by_key = {key: t for (key, _), t in zip(cases, timings)}
+    dense = by_key[("dense", "fwd", 1.0)].median
+    for (name, pass_name, frac), t in by_key.items():
+        if name == "dense":
+            ratio, ratio_of = 1.0, "dense speed"
+        elif frac == 1.0 and pass_name == "fwd":
+            ratio, ratio_of = dense / t.median, "dense speed (t_dense / t)"
+        else:
+            full = by_key.get((name, pass_name, 1.0))
+            ratio, ratio_of = (t.median / full.median if full else ""), "t / t(100% real)"
+        real_rows = rows if name == "dense" else int(np.sum(np.asarray(sizes[frac])))
+        results.add(section="gmm", backend=name, dtype=dtype_name, shape=label, real_frac_or_null=frac,
+                    pass_=pass_name, median_ms=t.median * 1e3, ratio=ratio, ratio_of=ratio_of,
+                    timing=timing_note(t, args.rounds), note=f"real_rows={real_rows}; {notes.get((name, pass_name), '')}")
+        log(f"[gmm]   {name:12s} {pass_name:6s} real={frac:<4} {t.median * 1e3:9.3f} ms  ratio={ratio}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out/gpu", help="output folder (gpu_results.csv, summary.md)")
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
-    ap.add_argument("--backend", default="triton", help="the layer's gmm_backend (tiled for CPU smoke runs)")
-    ap.add_argument("--gmm-backends", default="triton,ragged_dot,tokamax", help="grouped-matmul backends to time")
-    ap.add_argument("--sections", default="gmm,layer")
-    ap.add_argument("--dtypes", default="bf16,f32")
+    ap.add_argument("--out", default="out/gpu", help="output folder (gpu_results.csv)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU run (Pallas interpret mode)")
+    ap.add_argument("--sections", default="layer,gmm")
+    ap.add_argument("--layer-paths", default=None,
+                    help="expert paths of the layer section (default triton,triton_unfused,tokamax; tiny: triton,tiled)")
+    ap.add_argument("--gmm-backends", default="triton,triton_skip,tokamax", help="grouped matmuls to time")
+    ap.add_argument("--dtypes", default="bf16")
     ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 5, tiny 2)")
-    ap.add_argument("--iters", type=int, default=None, help="calls per round, grouped matmul (default 3, tiny 1)")
-    ap.add_argument("--layer-iters", type=int, default=None, help="calls per round, layer (default 2, tiny 1)")
-    ap.add_argument("--budget-s", type=float, default=270.0, help="skip groups starting after this many s (0: none)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls per case before timing (at least 1)")
+    ap.add_argument("--min-round-ms", type=float, default=None,
+                    help="device work per timed sample, in ms (default 20; tiny 1)")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="skip groups starting after this many s (0: none)")
     args = ap.parse_args(argv)
-    args.gmm_backends = [b for b in args.gmm_backends.split(",") if b]
     args.sections = [s for s in args.sections.split(",") if s]
     args.dtypes = [d for d in args.dtypes.split(",") if d]
+    args.gmm_backends = [b for b in args.gmm_backends.split(",") if b]
+    default_paths = "triton,tiled" if args.tiny else "triton,triton_unfused,tokamax"
+    args.layer_paths = [p for p in (args.layer_paths or default_paths).split(",") if p]
     for d in args.dtypes:
         if d not in DTYPES:
-            ap.error(f"unknown dtype {d!r}; choose from {sorted(DTYPES)}")
+            ap.error(f"--dtypes: unknown dtype {d!r}; choose from {sorted(DTYPES)}")
+    for p in args.layer_paths:
+        if p not in LAYER_PATHS:
+            ap.error(f"--layer-paths: unknown path {p!r}; choose from {sorted(LAYER_PATHS)}")
     args.rounds = args.rounds or (2 if args.tiny else 5)
-    args.iters = args.iters or (1 if args.tiny else 3)
-    args.layer_iters = args.layer_iters or (1 if args.tiny else 2)
+    args.warmup = max(1, args.warmup)
+    if args.min_round_ms is None:
+        args.min_round_ms = 1.0 if args.tiny else 20.0
     return args
 
 
@@ -498,22 +306,17 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     results = Results(out)
     environment_row(results)
-    shapes = GMM_SHAPES_TINY if args.tiny else GMM_SHAPES
-    dims = LAYER_TINY if args.tiny else LAYER
-    # bf16 first in both sections: the goals are stated in bf16.
-    order = sorted(args.dtypes, key=lambda d: d != "bf16")
-    for dtype_name in order:
-        if "gmm" in args.sections:
-            gmm_section(results, args, dtype_name, shapes)
-            (out / "summary.md").write_text(summary(results))  # kept current in case a timeout ends the run
-        if "layer" in args.sections:
-            layer_section(results, args, dtype_name, dims)
-            (out / "summary.md").write_text(summary(results))
-    text = summary(results)
-    (out / "summary.md").write_text(text)
+    layer_dims = inputs.LAYER_TINY if args.tiny else inputs.LAYER
+    gmm_dims = inputs.GMM_TINY if args.tiny else inputs.GMM
+    for dtype_name in args.dtypes:
+        for section in args.sections:
+            if section == "layer":
+                layer_section(results, args, dtype_name, layer_dims)
+            elif section == "gmm":
+                gmm_section(results, args, dtype_name, gmm_dims)
+            else:
+                log(f"[measure] unknown section {section!r} skipped")
     results.close()
-    log("")
-    log(text)
     log(f"[measure] done in {time.perf_counter() - _T0:.0f} s; rows in {results.path}")
     return 0
 

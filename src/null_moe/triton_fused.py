@@ -65,13 +65,23 @@ class FusedTiles:
     """
 
     block_m: int = 128
-    block_f: int = 128
+    block_f: int = 64
     block_d: int = 128
     block_k: int = 64
     block_r: int = 64
     block_t: int = 64
     num_warps: int = 8
     num_stages: int = 3
+
+    @staticmethod
+    def for_dtype(dtype) -> "FusedTiles":
+        """The shipped tiles for inputs of ``dtype``. 16-bit: 64-wide contraction and row steps; 32-bit: 32, so that
+        three pipeline stages of the widest kernel's operand tiles (dx_rows: da, db, w1, w3) stay within an
+        H100's 227 KB of shared memory (4 x 128 x 32 x 4 bytes x 3 stages = 192 KB). block_f 64 keeps down_bwd's
+        epilogue (u, a, b and their products over 128 x block_f) within the registers of 8 warps."""
+        if jnp.dtype(dtype).itemsize <= 2:
+            return FusedTiles()
+        return FusedTiles(block_k=32, block_r=32)
 
     def check(self, interpret: Optional[bool]) -> None:
         for field in ("block_m", "block_f", "block_d", "block_k", "block_r", "block_t"):
@@ -82,7 +92,7 @@ class FusedTiles:
                 raise ValueError(f"{field} must be a power of two >= {MIN_GPU_BLOCK} for the Triton kernels, got {value}")
 
 
-DEFAULT_TILES = FusedTiles()
+DEFAULT_TILES = FusedTiles()  # 16-bit inputs; FusedTiles.for_dtype picks per dtype
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,7 +223,8 @@ def _combine_kernel(num_real_ref, inv_ref, y_ref, out_ref, *, k, bt, bd, t_dim, 
     d_ok = _edge(d0, bd, d_dim, 1, (1, bd))
     acc = jnp.zeros((bt, bd), jnp.float32)
     for slot in range(k):
-        pos = load(inv_ref.at[pl.ds(t0, bt), slot], tok_ok)
+        # a traced int32 index: jax 0.11's interpret mode cannot index a ref with a Python int next to a slice
+        pos = load(inv_ref.at[pl.ds(t0, bt), jnp.int32(slot)], tok_ok)
         real = tok_ok & (pos < num_real)  # sorted rows < R are exactly the real slots
         mask = jnp.broadcast_to(and_(real[:, None], d_ok), (bt, bd))
         acc = acc + load(y_ref.at[pos[:, None], cols], mask).astype(jnp.float32)
@@ -495,7 +506,7 @@ def triton_expert_mlp(
         row_w: [S] gate weight of each sorted row (0 on null rows); differentiable.
         group_sizes: [E] int real rows per expert (R = their sum; the real rows are the sorted prefix).
         w1, w3: [E, D, F]; w2: [E, F, D]; act: an entry of null_moe.config.ACTIVATIONS.
-        tiles: tile sizes (default :data:`DEFAULT_TILES`; tests use tiny ones in interpret mode).
+        tiles: tile sizes (default :meth:`FusedTiles.for_dtype` of x's dtype; tests use tiny ones in interpret mode).
         interpret: True / False force Pallas interpret mode / the compiled kernels; None (default) compiles for
             CUDA/ROCm and interprets elsewhere, per lowering platform.
     Returns:
@@ -510,7 +521,7 @@ def triton_expert_mlp(
         raise ValueError(f"expected w1, w3 [E, D, F] and w2 [E, F, D] with D = {d_dim}; got {w1.shape}, {w2.shape}, {w3.shape}")
     if row_w.shape != (s_rows,) or group_sizes.shape != (e_dim,):
         raise ValueError(f"expected row_w [{s_rows}] and group_sizes [{e_dim}]; got {row_w.shape}, {group_sizes.shape}")
-    tiles = tiles or DEFAULT_TILES
+    tiles = tiles or FusedTiles.for_dtype(x.dtype)
     tiles.check(interpret)
     run = _Run(tiles, None if interpret is None else bool(interpret), activation_name(act))
     return _fused(x, token_idx.astype(jnp.int32), inv_idx.astype(jnp.int32), row_w, group_sizes.astype(jnp.int32),
