@@ -289,13 +289,13 @@ def _relative_error(got, want):
 
 @pytest.mark.accelerator
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU (jax.default_backend() == 'gpu')")
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize(
-    "shape,blocks",
+    "dtype,shape,blocks",
     [
-        ((4096, 512, 384, 8), {}),  # default blocks
-        ((1000, 200, 300, 5), {}),  # K, N and R_total not multiples of the blocks
-        ((777, 96, 160, 6), {"block_m": 16, "block_n": 32, "block_k": 16}),  # smallest tiles
+        ("bfloat16", (4096, 512, 384, 8), {}),  # default blocks
+        ("bfloat16", (1000, 200, 300, 5), {}),  # K, N and R_total not multiples of the blocks
+        ("float32", (1000, 200, 300, 5), {}),  # f32 (TF32 on the tensor cores), its own default blocks
+        ("bfloat16", (777, 96, 160, 6), {"block_m": 16, "block_n": 32, "block_k": 16}),  # smallest tiles
     ],
 )
 def test_gpu_compiled_matches_reference(dtype, shape, blocks):

@@ -147,6 +147,19 @@ bench() {
   return "$rc"
 }
 
+# The training corpus, tokenizer and token caches (built locally, offline), prepared on the CPU while the GPU
+# sections run; the train section waits for it.
+prepare_data() {
+  local config=configs/speedrun/tiny_gpu.yaml
+  [ "$TINY" = "1" ] && config=configs/speedrun/tiny_cpu.yaml
+  JAX_PLATFORMS=cpu "$PY" -c "
+import sys
+from experiments.speedrun.train import parse_config
+from experiments.speedrun.local_data import ensure_local_data
+ensure_local_data(parse_config(['--config_path', sys.argv[1]]).data)
+print('training data ready')" "$config" > "$WORK/data.log" 2>&1
+}
+
 main() {
   step "environment"
   # shellcheck source=scripts/gpu/env.sh
@@ -158,10 +171,14 @@ main() {
   export MEASURE_ARGS="${MEASURE_ARGS:-}"
   export -f versions accelerator_tests measure torch_peers train bench
 
+  prepare_data &
+  local data_pid=$!
+
   run_section versions 60 versions
   run_section tests 110 accelerator_tests
   run_section measure 200 measure
   run_section torch 70 torch_peers
+  wait "$data_pid" || echo "!! preparing the training data failed: $(tail -3 "$WORK/data.log")"
   run_section train 130 train
   run_section bench 110 bench
 

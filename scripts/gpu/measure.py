@@ -274,7 +274,7 @@ def parse_args(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU run (Pallas interpret mode)")
     ap.add_argument("--sections", default="layer,gmm")
     ap.add_argument("--layer-paths", default=None,
-                    help="expert paths of the layer section (default triton,triton_unfused,tokamax; tiny: triton,tiled)")
+                    help="expert paths of the layer section (default triton,triton_unfused; tiny: triton,tiled; also tokamax)")
     ap.add_argument("--gmm-backends", default="triton,triton_skip,tokamax", help="grouped matmuls to time")
     ap.add_argument("--dtypes", default="bf16")
     ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 5, tiny 2)")
@@ -286,7 +286,7 @@ def parse_args(argv=None):
     args.sections = [s for s in args.sections.split(",") if s]
     args.dtypes = [d for d in args.dtypes.split(",") if d]
     args.gmm_backends = [b for b in args.gmm_backends.split(",") if b]
-    default_paths = "triton,tiled" if args.tiny else "triton,triton_unfused,tokamax"
+    default_paths = "triton,tiled" if args.tiny else "triton,triton_unfused"
     args.layer_paths = [p for p in (args.layer_paths or default_paths).split(",") if p]
     for d in args.dtypes:
         if d not in DTYPES:
