@@ -191,6 +191,7 @@ def test_tiny_training_loss_falls_and_logs_everything(single_run, corpus):
     cfg = rec["config"]
     assert cfg["moe/gmm_backend"] == "tiled"
     assert cfg["moe/gmm_backend_requested"] == "auto"
+    assert cfg["moe/expert_path"] == "fused"
     assert cfg["moe/num_null_experts"] == 8
     assert cfg["model"]["null_route_frac"] == 0.5 and cfg["model"]["gmm_backend"] == "auto"
     assert cfg["host/malloc"] == "resident"  # auto on a CPU-only JAX: the CLI re-executed itself

@@ -87,8 +87,9 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
         take_until_null: slots after a token's first null slot are null too (0..k real experts per token).
         num_null_experts: M null copies in the router pool; None derives M = round(N p / (1 - p)).
         renormalize_real: real gate weights renormalised to sum to 1 (stock Mixtral does).
-        gmm_backend: auto | tiled | megablox | tokamax | ragged_dot; auto picks per platform. The backend that
-            actually runs is logged into the run config as ``moe/gmm_backend``.
+        gmm_backend: auto | tiled | megablox | triton | tokamax | ragged_dot; auto picks per platform (the fused
+            Triton expert kernels on GPU). The backend that actually runs is logged into the run config as
+            ``moe/gmm_backend``, and whether its fused expert kernels run as ``moe/expert_path``.
         tile_rows: row tile of the CPU ``tiled`` backend (None = measured default).
         capacity_factor, ep_transport, ep_dedup: expert parallelism (when the trainer's axis_resources map
             ``experts`` to a mesh axis that also shards the batch, e.g. ``experts: replica``); None = dropless.
@@ -207,6 +208,12 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
 
         return resolve_backend(self.gmm_backend)
 
+    def expert_path(self) -> str:
+        """"fused" where the backend's fused expert kernels run (tiled on CPU, triton on GPU), else "unfused"."""
+        from null_moe.experts import expert_path
+
+        return expert_path(self.resolved_gmm_backend(), self.moe_config().fused_experts)
+
     # --- axes (same names as Levanter's Mixtral) --------------------------------------------------------------
     Pos = property(lambda self: Axis(name="position", size=self.seq_len))
     KeyPos = property(lambda self: self.Pos.alias("key_position"))
@@ -259,6 +266,7 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
         hp = {
             "moe/gmm_backend": self.resolved_gmm_backend(),
             "moe/gmm_backend_requested": self.gmm_backend,
+            "moe/expert_path": self.expert_path(),
             "moe/num_null_experts": self.num_null,
             "moe/null_route_frac_target": self.null_route_frac,
             "moe/take_until_null": self.take_until_null,

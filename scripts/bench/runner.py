@@ -53,6 +53,11 @@ class PointResult:
     timing: str = "sequential"  # "interleaved": timed in rounds with the other points of its batch
     transport: str = "none"  # expert-parallel exchange that ran: all_to_all, ragged_all_to_all, psum, or none
     comm: dict = dataclasses.field(default_factory=dict)  # bytes one device sends per step, by collective kind
+    expert_path: str = "unfused"  # "fused" when the backend's fused expert kernels ran (layer.expert_path)
+
+    @property
+    def expert_path_fused(self) -> bool:
+        return self.expert_path == "fused"
 
 
 def group_key(pt: Point) -> Optional[tuple]:
@@ -102,7 +107,7 @@ class _Step:
                 self.devices, self.data_sharding = pt.ep_size, NamedSharding(mesh, PartitionSpec())
                 if pt.ep_size > 1:
                     self.transport = "psum" if pt.impl == "compact_psum" else layer.transport
-            model, self.backend = layer, layer.backend
+            model, self.backend, self.expert_path = layer, layer.backend, layer.expert_path
             forward = impls.forced_forward(pt.impl) if forced else impls.learned_forward(pt.impl)
             with_aux = not forced  # training adds the aux losses; forced routing has none to learn
         self.forced = forced
@@ -178,5 +183,5 @@ def run_batch(points: list[Point]) -> list[PointResult]:
         main = timings[i * per]
         fwd = timings[i * per + 1] if per == 2 else None
         results.append(PointResult(pt, str(step.backend), RoutingCounts.from_stats(main.kept, pt), main, fwd, label,
-                                   step.transport, step.comm))
+                                   step.transport, step.comm, getattr(step, "expert_path", "unfused")))
     return results

@@ -119,7 +119,7 @@ iters               int     config         yes  point.iters        timed calls
 seed                int     config         yes  point.seed         seed of weights, input and mask
 requested_backend   str     config         yes  point.backend      the backend asked for
 tile_rows           str     config         yes  =tile_rows         row tile of the tiled backend, or default
-fused_experts       bool    config         yes  point.fused        tiled backend: fused kernel
+fused_experts       bool    config         yes  expert_path_fused  the backend's fused expert kernels ran (tiled on CPU, triton on GPU)
 host_malloc         str     config         yes  ctx.host_malloc    host allocator mode the process ran under
 timing              str     config         yes  timing             interleaved (in rounds with its batch), sequential
 point_key           str     config         yes  point.key          hash of the point's settings (resume)
