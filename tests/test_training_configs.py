@@ -18,6 +18,7 @@ from levanter.models.mixtral import MixtralConfig as StockMixtralConfig
 
 from experiments.speedrun import train
 from experiments.speedrun.custom_mixtral import MixtralConfig
+from null_moe.gmm import resolve_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs", "speedrun")
@@ -66,7 +67,8 @@ def test_expert_parallel_configs_map_experts_onto_a_batch_axis(name):
     twin = _load(name[: -len("_ep")])
     assert cfg.trainer.axis_resources.get("experts") == "replica"
     assert cfg.trainer.replica_ici_axis_size > 1
-    for field in ("hidden_dim", "intermediate_dim", "n_routed_experts", "num_experts_per_tok", "null_route_frac"):
+    for field in ("hidden_dim", "intermediate_dim", "n_routed_experts", "num_experts_per_tok", "null_route_frac",
+                  "gmm_backend"):
         assert getattr(cfg.model, field) == getattr(twin.model, field), field
     cfg.model.moe_config()  # the EP fields validate through NullMoEConfig
 
@@ -99,10 +101,10 @@ def test_hardware_config_settings(name):
     assert m.lbl_coef and m.rzl_coef
     assert jax.numpy.dtype(cfg.trainer.mp.compute_dtype) == jax.numpy.bfloat16
     assert cfg.trainer.require_accelerator is not False
-    if hw == "tpu":
-        assert m.gmm_backend == "megablox"
-    else:
-        assert m.gmm_backend in ("auto", "tokamax", "ragged_dot")
+    # a backend that skips null rows on that hardware: megablox on TPU, this project's Triton kernels on GPU (what
+    # auto resolves to there); ragged_dot computes every group densely, and tokamax is not what auto picks
+    assert m.gmm_backend in (("megablox",) if hw == "tpu" else ("auto", "triton")), m.gmm_backend
+    assert resolve_backend(m.gmm_backend, platform=hw) == ("megablox" if hw == "tpu" else "triton")
     if variant == "null":
         assert 0 < m.null_route_frac < 1
     else:
