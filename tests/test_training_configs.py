@@ -161,3 +161,15 @@ def test_tiny_cpu_config_builds_and_is_small():
     assert cfg.trainer.require_accelerator is False and cfg.trainer.ray.auto_start_cluster is False
     assert cfg.trainer.tracker.mode == "offline"
     assert _abstract_param_count(m) == m.total_trainable_params(VOCAB) < 5_000_000
+
+
+def test_training_md_override_example_sets_take_until_null_where_it_acts():
+    """docs/TRAINING.md's override example turns take_until_null on; it must parse, and with M < k, since with
+    M >= k learned routing already takes until null and the flag would change nothing."""
+    with open(os.path.join(ROOT, "docs", "TRAINING.md")) as f:
+        text = f.read()
+    block = text.split("# any draccus override passes through:\n", 1)[1].split("```", 1)[0]
+    argv = block.replace("\\\n", " ").split()
+    assert argv[:3] == ["python", "-m", "experiments.speedrun.custom_mixtral"], argv
+    m = train.parse_config(argv[3:]).model
+    assert m.take_until_null and m.moe_config().num_null < m.num_experts_per_tok
