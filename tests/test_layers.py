@@ -135,7 +135,7 @@ def test_p0_equals_stock_levanter_block():
         num_heads=2, num_kv_heads=2,
     )
     block = MixtralSparseMoeBlock.init(lc, key=jax.random.PRNGKey(0))
-    cfg = NullMoEConfig(hidden_dim=16, intermediate_dim=32, n_routed_experts=6, num_experts_per_tok=2, tile_rows=8)
+    cfg = NullMoEConfig(hidden_dim=16, intermediate_dim=32, n_routed_experts=6, num_experts_per_tok=2)  # as shipped
     layer = NullRoutedMoE.init(cfg, key=jax.random.PRNGKey(1))
     layer = eqx.tree_at(
         lambda l: (l.gate, l.experts.w1, l.experts.w2, l.experts.w3),
@@ -147,7 +147,8 @@ def test_p0_equals_stock_levanter_block():
     with hax.partitioning.set_mesh(mesh):
         y_stock, e_stock = block(x)
     y, e = layer(x)
-    assert float(jnp.max(jnp.abs((y - y_stock).array))) <= 1e-5
+    # not bit for bit (the expert matmuls sum in another order): float32 rounding, 6e-8 measured on |y| up to 1.3
+    assert float(jnp.max(jnp.abs((y - y_stock).array))) <= 1e-6 * max(1.0, float(jnp.max(jnp.abs(y_stock.array))))
     for name in ("load_balancing_loss", "router_z_loss"):
         np.testing.assert_allclose(e[name].array, e_stock[name].array, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(e["expert_loads"].array, e_stock["expert_loads"].array, atol=1e-7)
