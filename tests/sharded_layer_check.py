@@ -59,7 +59,8 @@ def main():
     # every sort instruction, whatever it sorts: the element count of each of its operands
     sort_sizes, topk_rows = [], []
     for m in re.finditer(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) sort\(", hlo, re.M):
-        sort_sizes += [math.prod(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1))]
+        shapes = re.findall(r"\w+\[([\d,]*)\]", m.group(1))
+        sort_sizes += [math.prod(int(d) for d in dims.split(",") if d) for dims in shapes]
     # the router's top-k (a TopK custom call on XLA:CPU): its rows are tokens
     for m in re.finditer(r"= \(?\w+\[(\d+)[\d,]*\][^\n]*custom_call_target=\"TopK\"", hlo):
         topk_rows.append(int(m.group(1)))
