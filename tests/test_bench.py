@@ -237,18 +237,30 @@ def test_help_documents_every_field_with_its_default():
 
 
 def test_result_printed_only_after_its_row_is_durable(tmp_path, monkeypatch, fake_runner, capsys):
+    """Each RESULT line is printed after its row was written, flushed and fsynced: at every fsync of the CSV the
+    file is read back from disk (a fresh open), and a RESULT line may name only a point whose row an fsync saw."""
     cfg = _cfg(tmp_path, null_route_frac_list=[0.0, 0.5])
-    seen = []
-    real_append = store.ResultsCSV.append
+    csv_path = os.path.join(cfg.out_dir, cfg.csv_name)
+    durable, printed = set(), []
+    real_fsync, real_out = os.fsync, bench_null_moe._out
 
-    def append(self, row):
-        assert f"point_key={row['point_key']}" not in capsys.readouterr().out  # nothing printed for it yet
-        real_append(self, row)
-        seen.append(row["point_key"])
+    def fsync(fd):
+        real_fsync(fd)
+        if os.path.exists(csv_path) and os.path.samestat(os.fstat(fd), os.stat(csv_path)):
+            durable.update(r["point_key"] for r in store.ResultsCSV(csv_path).read())
 
-    monkeypatch.setattr(store.ResultsCSV, "append", append)
-    bench_null_moe.run(cfg)
-    assert len(seen) == 2
+    def out(msg=""):
+        if msg.startswith("RESULT "):
+            key = schema.parse_result_line(msg)["point_key"]
+            assert key in durable, f"RESULT for {key} printed before its row was fsynced"
+            printed.append(key)
+        real_out(msg)
+
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    monkeypatch.setattr(bench_null_moe, "_out", out)
+    rows = bench_null_moe.run(cfg)
+    assert len(printed) == 2 and sorted(printed) == sorted(r["point_key"] for r in rows)
+    assert capsys.readouterr().out.count("RESULT ") == 2
 
 
 def test_progress_lines_on_stderr(tmp_path, fake_runner, capsys):

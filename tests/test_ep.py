@@ -6,11 +6,13 @@ whole suite) the device tests run once in a subprocess that has them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import equinox as eqx
 import haliax as hax
@@ -35,16 +37,31 @@ N, K, D, F = 8, 4, 16, 24  # 2 experts per device; a token meets a device 1.6 ti
 EP, SHARDS = 4, 8
 
 
-def test_ep_on_8_simulated_devices():
-    """Runs this file's device tests in a subprocess with 8 simulated CPU devices (when this process has fewer)."""
+def test_ep_on_8_simulated_devices(tmp_path):
+    """Runs this file's device tests in a subprocess with 8 simulated CPU devices (when this process has fewer), and
+    checks from the child's JUnit report that they ran: every 8-device test passed at least once, and nothing in the
+    child skipped but this runner (a child that somehow had fewer devices would skip them all and exit 0)."""
     if HAVE_8:
         pytest.skip("this process has 8 devices: the tests run directly")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    report = tmp_path / "child.xml"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", str(Path(__file__))],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    passed, skipped = set(), []
+    for case in ElementTree.parse(report).getroot().iter("testcase"):
+        name = case.get("name").split("[")[0]
+        if case.find("skipped") is not None:
+            skipped.append(case.get("name"))
+        elif case.find("failure") is None and case.find("error") is None:
+            passed.add(name)
+    device_tests = {name for name, fn in globals().items() if name.startswith("test_") and needs_8.mark in
+                    getattr(fn, "pytestmark", [])}
+    assert len(device_tests) >= 7, device_tests
+    assert skipped == ["test_ep_on_8_simulated_devices"], skipped
+    assert device_tests <= passed, sorted(device_tests - passed)
 
 
 def _mesh():
@@ -180,16 +197,23 @@ def test_issue_snippet_runs_expert_parallel():
 
 @needs_8
 @pytest.mark.parametrize(
-    "p,take_until_null,dedup,scope",
-    [(0.0, False, True, "batch"), (0.5, True, True, "batch"), (0.9, False, True, "batch"),
-     (0.5, False, False, "batch"), (0.5, False, True, "sequence")],
+    "p,take_until_null,m,dedup,scope",
+    # m: num_null_experts (None: derived, M = N p / (1 - p) = 8 >= k at p = 0.5); take_until_null acts only at M < k
+    [(0.0, False, None, True, "batch"), (0.5, True, 2, True, "batch"), (0.5, True, 1, False, "batch"),
+     (0.9, False, None, True, "batch"), (0.5, False, None, False, "batch"), (0.5, False, None, True, "sequence")],
 )
-def test_dropless_learned_routing_equals_single_device(p, take_until_null, dedup, scope):
-    cfg = _cfg(null_route_frac=p, take_until_null=take_until_null, ep_dedup=dedup, balance_scope=scope)
+def test_dropless_learned_routing_equals_single_device(p, take_until_null, m, dedup, scope):
+    cfg = _cfg(null_route_frac=p, take_until_null=take_until_null, num_null_experts=m, ep_dedup=dedup,
+               balance_scope=scope)
     layer, x, cot = _inputs(cfg, seed=int(p * 10))
     single, ep = _run_both(layer, x, cot)
     if p > 0:
         assert float(single[2]["null_frac"].array) > 0.05  # null slots really occur
+    if take_until_null:
+        assert cfg.num_null < K  # where the flag matters: it changes the routing being compared
+        flipped = dataclasses.replace(layer, config=dataclasses.replace(cfg, take_until_null=False))
+        route = eqx.filter_jit(lambda l, x: l.route(x).expert_ids)
+        assert int(jnp.sum(route(layer, x) != route(flipped, x))) > 0
     _assert_equal_to_single(single, ep)
 
 

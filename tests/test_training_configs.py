@@ -18,6 +18,7 @@ from levanter.models.mixtral import MixtralConfig as StockMixtralConfig
 
 from experiments.speedrun import train
 from experiments.speedrun.custom_mixtral import MixtralConfig
+from null_moe.gmm import resolve_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs", "speedrun")
@@ -66,7 +67,8 @@ def test_expert_parallel_configs_map_experts_onto_a_batch_axis(name):
     twin = _load(name[: -len("_ep")])
     assert cfg.trainer.axis_resources.get("experts") == "replica"
     assert cfg.trainer.replica_ici_axis_size > 1
-    for field in ("hidden_dim", "intermediate_dim", "n_routed_experts", "num_experts_per_tok", "null_route_frac"):
+    for field in ("hidden_dim", "intermediate_dim", "n_routed_experts", "num_experts_per_tok", "null_route_frac",
+                  "gmm_backend"):
         assert getattr(cfg.model, field) == getattr(twin.model, field), field
     cfg.model.moe_config()  # the EP fields validate through NullMoEConfig
 
@@ -99,10 +101,10 @@ def test_hardware_config_settings(name):
     assert m.lbl_coef and m.rzl_coef
     assert jax.numpy.dtype(cfg.trainer.mp.compute_dtype) == jax.numpy.bfloat16
     assert cfg.trainer.require_accelerator is not False
-    if hw == "tpu":
-        assert m.gmm_backend == "megablox"
-    else:
-        assert m.gmm_backend in ("auto", "tokamax", "ragged_dot")
+    # a backend that skips null rows on that hardware: megablox on TPU, this project's Triton kernels on GPU (what
+    # auto resolves to there); ragged_dot computes every group densely, and tokamax is not what auto picks
+    assert m.gmm_backend in (("megablox",) if hw == "tpu" else ("auto", "triton")), m.gmm_backend
+    assert resolve_backend(m.gmm_backend, platform=hw) == ("megablox" if hw == "tpu" else "triton")
     if variant == "null":
         assert 0 < m.null_route_frac < 1
     else:
@@ -159,3 +161,15 @@ def test_tiny_cpu_config_builds_and_is_small():
     assert cfg.trainer.require_accelerator is False and cfg.trainer.ray.auto_start_cluster is False
     assert cfg.trainer.tracker.mode == "offline"
     assert _abstract_param_count(m) == m.total_trainable_params(VOCAB) < 5_000_000
+
+
+def test_training_md_override_example_sets_take_until_null_where_it_acts():
+    """docs/TRAINING.md's override example turns take_until_null on; it must parse, and with M < k, since with
+    M >= k learned routing already takes until null and the flag would change nothing."""
+    with open(os.path.join(ROOT, "docs", "TRAINING.md")) as f:
+        text = f.read()
+    block = text.split("# any draccus override passes through:\n", 1)[1].split("```", 1)[0]
+    argv = block.replace("\\\n", " ").split()
+    assert argv[:3] == ["python", "-m", "experiments.speedrun.custom_mixtral"], argv
+    m = train.parse_config(argv[3:]).model
+    assert m.take_until_null and m.moe_config().num_null < m.num_experts_per_tok
