@@ -42,7 +42,22 @@ EXPERT_PARALLEL = [f"{name}_ep" for name in HARDWARE] + ["tiny_cpu_ep"]
 
 def test_every_config_is_covered():
     names = {os.path.basename(p)[: -len(".yaml")] for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))}
-    assert names == set(HARDWARE) | {"tiny_cpu", "tiny_cpu_ep_capacity"} | set(EXPERT_PARALLEL)
+    assert names == set(HARDWARE) | {"tiny_cpu", "tiny_cpu_ep_capacity", "tiny_gpu"} | set(EXPERT_PARALLEL)
+
+
+def test_tiny_gpu_config_is_the_gpu_checks_short_run():
+    """tiny_gpu: one GPU, bf16, the fused Triton kernels by auto, a fractional warmup, and fewer tokens than one
+    pass over the local corpus (about 3.7 M training tokens), so the GPU check's run never runs out of data."""
+    cfg = _load("tiny_gpu")
+    m = cfg.model
+    assert isinstance(m, MixtralConfig) and 0 < m.null_route_frac < 1 and m.num_null >= m.num_experts_per_tok
+    assert m.gmm_backend == "auto" and resolve_backend(m.gmm_backend, platform="gpu") == "triton"
+    assert jax.numpy.dtype(cfg.trainer.mp.compute_dtype) == jax.numpy.bfloat16
+    assert cfg.trainer.require_accelerator is not False
+    assert 0 < cfg.optimizer.warmup < 1
+    tokens = cfg.trainer.num_train_steps * cfg.trainer.train_batch_size * m.seq_len
+    assert tokens < 3_000_000
+    assert cfg.trainer.steps_per_eval == cfg.trainer.num_train_steps  # one eval, at the end
 
 
 def test_capacity_config_is_tiny_ep_with_a_capacity():
