@@ -614,3 +614,17 @@ def test_timer_warms_up_then_interleaves_rounds():
     assert [t.compile_s for t in timings] == [1.5, 0.0, 0.0]
     t = timer.Timing((3.0, 1.0, 2.0), (5, 1, 9))
     assert (t.median, t.min, t.max, t.median_faults) == (2.0, 1.0, 3.0, 5)
+
+
+def test_a_run_whose_record_never_lands_is_not_counted_logged(tmp_path, monkeypatch, capsys):
+    """log_row adds a point to the ledger only once the run's local record holds its exit; without it (here: the
+    record never appears) the point stays unlogged and a rerun logs it."""
+    assert wandb_log._written(str(tmp_path), "nosuchrun", 0.1) is False
+    monkeypatch.setattr(wandb_log, "_written", lambda out_dir, run_id, timeout_s: False)
+    cfg = _cfg(tmp_path, null_route_frac_list=[0.0], wandb=WandbConfig(mode="offline", group="g"))
+    row = {"shape": "8x4x4x2", "topk": 1, "impl": "null_moe", "null_mode": "independent", "null_target": 0.0,
+           "point_key": "k0", "tokens_per_s": 1.0}
+    monkeypatch.setattr(wandb_log.schema, "wandb_split", lambda r: ({"null_route_frac": 0.0}, {"tokens_per_s": 1.0}, {}))
+    assert wandb_log.log_row(cfg, row, "g", "offline") is None
+    assert "record was not on disk" in capsys.readouterr().err
+    assert wandb_log.Ledger(cfg.out_dir).logged("offline") == set()

@@ -1,7 +1,9 @@
 """One W&B run per sweep point, all points of a sweep in one group, from the point's row (scripts/bench/schema).
 
 The requested mode is checked before any compute: ``online`` needs credentials (``wandb login`` or
-``WANDB_API_KEY``). A point counts as logged only once its run has finished; the ledger
+``WANDB_API_KEY``). A point counts as logged only once its run has finished and the run's local record (the
+``run-<id>.wandb`` file, written in both modes) holds its exit: W&B's writer can still be flushing after
+``run.finish()`` returns, so :func:`log_row` waits for it (up to ``WRITE_TIMEOUT_S``). The ledger
 ``<out_dir>/wandb/logged.tsv`` records (point_key, mode, run id). A rerun logs, from their CSV rows and without
 computing anything, the points of its sweep that have no run in the current mode yet: runs that failed (a
 network error), or, with ``online``, every point so far only logged offline. Init is kept light: no system
@@ -69,6 +71,31 @@ class Ledger:
             f.write(f"{key}\t{mode}\t{run_id}\n")
 
 
+#: How long log_row waits for a finished run's local record to hold its exit before leaving it unlogged.
+WRITE_TIMEOUT_S = 30.0
+
+
+def _written(out_dir: str, run_id: str, timeout_s: float) -> bool:
+    """Whether the run's local ``.wandb`` record holds its exit record within ``timeout_s`` (polled)."""
+    import glob
+    import time
+
+    from experiments.speedrun.wandb_offline import read_wandb_records
+
+    deadline = time.monotonic() + timeout_s
+    pattern = os.path.join(out_dir, "wandb", f"*-{run_id}")
+    while True:
+        for run_dir in glob.glob(pattern):
+            try:
+                if read_wandb_records(run_dir)["exit_code"] is not None:
+                    return True
+            except Exception:  # noqa: BLE001 - not there yet, or a record still being written
+                pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 def _settings():
     import wandb
 
@@ -107,6 +134,10 @@ def log_row(cfg: BenchConfig, row: dict[str, Any], group: str, mode: str) -> Opt
         msg = " ".join(str(e).split())[:200]
         print(f"WARNING: W&B run for {name} failed ({type(e).__name__}: {msg}); a rerun will log it",
               file=sys.stderr, flush=True)
+        return None
+    if not _written(os.path.abspath(cfg.out_dir), run_id, WRITE_TIMEOUT_S):
+        print(f"WARNING: W&B run for {name} finished but its record was not on disk within {WRITE_TIMEOUT_S:.0f} s; "
+              "a rerun will log it", file=sys.stderr, flush=True)
         return None
     Ledger(cfg.out_dir).add(row["point_key"], mode, run_id)
     return run_id
