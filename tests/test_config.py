@@ -7,6 +7,8 @@ import pytest
 from null_moe import NullMoEConfig
 from null_moe.config import num_null_slots
 
+pytestmark = pytest.mark.fast  # the fast tier (scripts/run_tests.sh --fast)
+
 BASE = dict(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2)
 
 

@@ -104,6 +104,7 @@ def test_tracker_overrides_parse(capsys):
         (["--model.take_until_null", "maybe"], "model.take_until_null: Couldn't parse 'maybe' into a bool"),
     ],
 )
+@pytest.mark.fast
 def test_invalid_values_fail_at_parse_time_naming_the_field(args, message):
     with pytest.raises(train.ConfigError) as info:
         _parse(args)
@@ -111,6 +112,7 @@ def test_invalid_values_fail_at_parse_time_naming_the_field(args, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.fast
 def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     """train.main (in-process: no allocator re-exec) prints one `error: ...` line and returns 2 before any
     compute, for a bad value, an unknown field, a bad type, a missing config file and an unknown key in the YAML."""
@@ -133,6 +135,7 @@ def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
         assert captured.out == ""
 
 
+@pytest.mark.fast
 def test_direct_construction_validates():
     with pytest.raises(ValueError, match="null_route_frac"):
         MixtralConfig(**SMALL, null_route_frac=1.0)

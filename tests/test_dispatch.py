@@ -5,8 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from null_moe.dispatch import combine_rows, dispatch_rows, make_dispatch
+
+pytestmark = pytest.mark.fast  # the fast tier (scripts/run_tests.sh --fast)
 
 N = 4
 

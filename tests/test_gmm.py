@@ -55,6 +55,7 @@ def _tiled_value_and_grads(x, w, gs, cot):
     return grouped_matmul(x, w, gs, backend="tiled", tile_rows=16), jax.grad(f, (0, 1))(x, w)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("case", sorted(GROUPS))
 def test_tiled_matches_reference(data, case):
     x, w, cot = data
@@ -91,6 +92,7 @@ def test_tiled_small_row_count_below_tile(data):
     np.testing.assert_allclose(y, _reference(x[:7], w, gs, cot[:7])[0], atol=1e-4)
 
 
+@pytest.mark.fast
 def test_rows_past_real_cannot_poison(data):
     """NaN in rows >= R (where null slots sit) must not reach outputs or gradients of real rows."""
     x, w, cot = data
@@ -163,6 +165,7 @@ def _check_expert_mlp_against_per_token_loop(backend, fused):
         np.testing.assert_allclose(a, b, atol=2e-3, rtol=1e-4, err_msg=name)
 
 
+@pytest.mark.fast
 def test_tiled_visits_only_real_tiles(data):
     """Work scales with real rows: count tile visits through the loop's trip counts."""
     x, w, _ = data
@@ -198,6 +201,7 @@ def test_tiled_visits_only_real_tiles(data):
     "platform,expected",
     [("cpu", "tiled"), ("tpu", "megablox"), ("gpu", "triton"), ("cuda", "triton")],
 )
+@pytest.mark.fast
 def test_auto_backend_per_platform(platform, expected, monkeypatch):
     monkeypatch.setattr(G, "_tokamax_available", lambda: True)  # installed or not, auto never picks it
     assert resolve_backend("auto", platform=platform) == expected
@@ -210,6 +214,7 @@ def test_auto_follows_the_default_platform(monkeypatch):
     assert resolve_backend("auto") == "triton"
 
 
+@pytest.mark.fast
 def test_backend_errors():
     with pytest.raises(ValueError, match="gmm_backend"):
         resolve_backend("cublas")

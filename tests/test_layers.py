@@ -69,6 +69,7 @@ CASES = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("p,k,n,m,tun,renorm", CASES)
 def test_layer_matches_dense_reference(p, k, n, m, tun, renorm):
     cfg = NullMoEConfig(
@@ -164,6 +165,7 @@ def _all_null_layer(cfg):
     return eqx.tree_at(lambda l: l.null_gate.weight, layer, w), x
 
 
+@pytest.mark.fast
 def test_all_null_batch_gives_zero_output_and_finite_grads():
     cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2,
                         null_route_frac=0.5, tile_rows=8)
@@ -198,6 +200,7 @@ def test_one_all_null_token_among_real_ones():
     assert np.all(np.isfinite(np.asarray(gx.array)))
 
 
+@pytest.mark.fast
 def test_null_slots_get_no_rows():
     cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2,
                         null_route_frac=0.5, tile_rows=8)
@@ -224,6 +227,7 @@ def test_forced_routing_through_layer_hits_target():
         assert abs(float(extras["null_frac"].array) - 0.5) <= 0.01, mode
 
 
+@pytest.mark.fast
 def test_input_shape_errors_name_the_axis():
     cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2)
     layer = NullRoutedMoE.init(cfg, key=jax.random.PRNGKey(0))
@@ -241,6 +245,7 @@ def test_input_shape_errors_name_the_axis():
         layer(jnp.zeros((4, 8)))
 
 
+@pytest.mark.fast
 def test_backend_is_reported():
     cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_per_tok=2)
     assert NullRoutedMoE.init(cfg, key=jax.random.PRNGKey(0)).backend == "tiled"

@@ -27,6 +27,7 @@ def _loop_route(logits, n, k, tun, renorm):
     return ids, wts
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("m,k,tun,renorm", [(0, 2, False, True), (3, 4, False, True), (3, 4, True, False), (10, 6, True, True)])
 def test_learned_routing_matches_loop(m, k, tun, renorm):
     n, t = 6, 40
@@ -56,6 +57,7 @@ def test_learned_take_until_null_is_a_no_op_when_copies_cover_k():
     assert int(jnp.sum(b.expert_ids == n)) > int(jnp.sum(a.expert_ids == n))
 
 
+@pytest.mark.fast
 def test_take_until_null_nulls_every_later_slot():
     is_null = jnp.array([[False, True, False, False], [False, False, False, True], [True, False, False, False]])
     out = R._null_after_first_null(is_null)
@@ -76,11 +78,13 @@ def test_forced_mask_hits_target(mode, p):
         np.testing.assert_array_equal(np.asarray(mask), later)
 
 
+@pytest.mark.fast
 def test_forced_mask_k8_small_t():
     mask = R.forced_null_mask(jax.random.PRNGKey(3), 2048, 8, 0.7, "take_until_null")
     assert abs(float(jnp.mean(mask)) - 0.7) <= 0.01
 
 
+@pytest.mark.fast
 def test_slot_null_prob_solves_expected_fraction():
     for k in (1, 2, 4, 8):
         for p in (0.1, 0.5, 0.9):
@@ -105,6 +109,7 @@ def test_forced_routing_keeps_stock_topk():
     assert np.all(np.asarray(r.weights)[~np.asarray(real)] == 0)
 
 
+@pytest.mark.fast
 def test_aux_losses_match_levanter_formula_at_m0():
     n, k, t = 6, 2, 50
     z = jax.random.normal(jax.random.PRNGKey(0), (t, n))
@@ -134,6 +139,7 @@ def test_lbl_splits_null_assignments_over_copies():
     assert np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g).sum()) > 0
 
 
+@pytest.mark.fast
 def test_routing_stats():
     ids = jnp.array([[0, 4], [4, 4], [1, 2]])  # n = 4, null id 4
     s = R.routing_stats(ids, 4)

@@ -162,6 +162,7 @@ def test_tile_schedule_covers_every_row_once(block_m):
 # ---------------------------------------------------------------------------------------------------------------
 # Interpret-mode correctness (CPU).
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.fast
 @pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("case", sorted(GROUPS))
 def test_matches_reference_f32(case, blocks):
@@ -204,6 +205,7 @@ def test_default_blocks_and_interpret_default():
     _check(run(x, w, jnp.asarray(gs), cot), x, w, gs, cot, tol=1e-4)
 
 
+@pytest.mark.fast
 def test_no_rows_and_grad_through_jax_grad():
     """R_total = 0 returns an empty array; jax.grad of a scalar loss goes through the custom VJP."""
     x = jnp.zeros((0, K), jnp.float32)
@@ -219,6 +221,7 @@ def test_no_rows_and_grad_through_jax_grad():
     np.testing.assert_allclose(dw, dw_ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.fast
 def test_rejects_bad_arguments():
     x, w, _ = _inputs(jax.random.PRNGKey(0), jnp.float32)
     gs = jnp.asarray(GROUPS["all_real"], jnp.int32)
