@@ -15,6 +15,13 @@ What it does, in order:
    a tracker and a tuple of trackers, and draccus cannot address fields inside a union), plus ``progress_every``.
    A bad value, an unknown or mistyped field or a missing config file ends here with one line,
    ``error: model.null_route_frac must be in [0, 1), got 1.5``, and exit code 2, before any compute.
+   ``preflight`` then checks what Levanter would only find out later, with the same one-line exit 2: a
+   learning-rate schedule that does not fit ``num_train_steps`` (``error: optimizer.warmup=10 steps must be below
+   trainer.num_train_steps=4 ...``; optax would fail after W&B started) and a device count the trainer mesh cannot
+   use. On a CPU-only JAX a mesh of more than one device makes the process re-execute itself once more with
+   ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (N: the config's ``cpu_devices``, else the fewest the mesh
+   takes), saying so in one line; elsewhere too few devices is ``error: the trainer mesh needs a multiple of 4
+   devices per slice (...), found 1 gpu device``.
 3. Offline: ``HF_HUB_OFFLINE=1`` and friends; builds the local corpus, tokenizer and token caches on first use
    (``local_data.ensure_local_data``).
 4. A run id whose checkpoint already reached ``num_train_steps`` is complete: it prints
@@ -78,10 +85,11 @@ def cli_config_class() -> type:
     """The CLI's config class (built on first use: importing Levanter is slow, and the CLI re-executes itself for
     the host allocator before it does).
 
-    ``TrainConfig`` is Levanter's ``TrainLmConfig`` with two changes: ``trainer`` is a ``TrainerConfig`` whose
+    ``TrainConfig`` is Levanter's ``TrainLmConfig`` with these changes: ``trainer`` is a ``TrainerConfig`` whose
     ``tracker`` is one ``TrackerConfig`` (a draccus choice type, so ``--trainer.tracker.<field>`` overrides parse;
-    Levanter's ``TrackerConfig | Tuple[TrackerConfig, ...]`` takes only a whole value), and ``progress_every``: print
-    a progress line every N steps (default ``max(1, num_train_steps // 100)``).
+    Levanter's ``TrackerConfig | Tuple[TrackerConfig, ...]`` takes only a whole value), ``progress_every``: print
+    a progress line every N steps (default ``max(1, num_train_steps // 100)``), and ``cpu_devices``: on a CPU-only
+    JAX, how many devices to simulate for the trainer mesh (default: the fewest it takes; ``preflight``).
     """
     from dataclasses import dataclass, field
 
@@ -100,6 +108,7 @@ def cli_config_class() -> type:
     class TrainConfig(TrainLmConfig):
         trainer: TrainerConfig = field(default_factory=TrainerConfig)
         progress_every: Optional[int] = None
+        cpu_devices: Optional[int] = None
 
     TrainerConfig.__module__ = TrainConfig.__module__ = __name__
     TrainerConfig.__qualname__, TrainConfig.__qualname__ = "TrainerConfig", "TrainConfig"
@@ -234,8 +243,14 @@ def _wrap_tracker_init(trainer_config, wrap) -> None:
     object.__setattr__(tracker_config, "init", init)
 
 
-def run_training(config) -> int:
-    """Runs one training job from a parsed config; returns the exit code (see the module docstring)."""
+def run_training(config, *, cli: bool = False) -> int:
+    """Runs one training job from a parsed config; returns the exit code (see the module docstring). ``cli``: called
+    by the command line, which could simulate CPU devices (only changes the wording of a device error)."""
+    from experiments.speedrun import preflight
+
+    preflight.check_lr_schedule(config.optimizer, config.trainer.num_train_steps)
+    preflight.check_devices_here(config, simulated_here=cli)
+
     from levanter.main import train_lm
 
     from experiments.speedrun import levanter_pin_workarounds as pin
@@ -310,8 +325,10 @@ def run_training(config) -> int:
 def main(args: Optional[Sequence[str]] = None) -> int:
     """``python -m experiments.speedrun.train --config_path X.yaml [--a.b value ...]``; returns the exit code.
 
-    Called with ``args`` (tests, other Python code) it runs in this process as it is: no allocator re-exec."""
-    if args is None:
+    Called with ``args`` (tests, other Python code) it runs in this process as it is: no re-execution for the
+    allocator or for simulated CPU devices."""
+    cli = args is None
+    if cli:
         from null_moe.host_malloc import HOST_MALLOC_MODES, reexec_if_needed
 
         mode = os.environ.get(HOST_MALLOC_ENV, "auto")
@@ -323,7 +340,12 @@ def main(args: Optional[Sequence[str]] = None) -> int:
     _offline_env()
     try:
         config = parse_config(args)
-        return run_training(config)
+        if cli:
+            from experiments.speedrun import preflight
+
+            preflight.check_lr_schedule(config.optimizer, config.trainer.num_train_steps)  # before the re-exec line
+            preflight.reexec_for_cpu_devices(config)
+        return run_training(config, cli=cli)
     except ConfigError as e:
         _error(str(e))
         return EXIT_CONFIG_ERROR
