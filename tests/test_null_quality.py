@@ -61,14 +61,43 @@ def test_bad_config_exits_2_with_one_line(args, message, tmp_path):
     assert not (tmp_path / "o").exists()  # nothing ran
 
 
+@pytest.mark.fast
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"bogus_field": 1}, "arms.x: model: The fields `bogus_field` are not valid for MixtralConfig"),
+        ({"num_heads": 3}, "arms.x: num_heads=3 must be divisible by num_kv_heads=2"),
+        ({"renormalize_real": "maybe"}, "arms.x: model.renormalize_real: Couldn't parse 'maybe' into a bool"),
+        ({"capacity_factor": -1.0}, "arms.x: capacity_factor must be"),
+        ({"lbl_coef": 0.1}, "arms.x.model.lbl_coef may not differ between arms"),
+    ],
+)
+def test_arm_model_overrides_are_validated_by_the_model_class(model, message):
+    """An arm's `model:` overrides go through the registered model config (draccus decode + __post_init__), so any
+    model field is accepted and checked, with no list of allowed keys in the study."""
+    from experiments.speedrun.quality.config import ConfigError, parse_config
+
+    arms = [{"name": "x", "num_experts_per_tok": 2, "null_route_frac": 0.5, "model": model}]
+    with pytest.raises(ConfigError) as info:
+        parse_config(["--config_path", STUDY_YAML, "--arms", str(arms)])
+    assert str(info.value).startswith(message), str(info.value)
+    ok = [{"name": "x", "num_experts_per_tok": 2, "null_route_frac": 0.5,
+           "model": {"take_until_null": True, "balance_scope": "sequence", "upcast_attn": True}}]
+    cfg = parse_config(["--config_path", STUDY_YAML, "--arms", str(ok), "--brackets", "null"])
+    m = cfg.model_config(cfg.arms[0])
+    assert (m.take_until_null, m.balance_scope, m.upcast_attn, m.null_route_frac) == (True, "sequence", True, 0.5)
+
+
 def test_missing_config_file_exits_2(tmp_path):
     proc = _cli(["--config_path", str(tmp_path / "nope.yaml")], timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: config file not found: {tmp_path / 'nope.yaml'}"
 
 
+@pytest.mark.fast
 def test_verdict_rule():
-    from experiments.speedrun.null_quality import verdict
+    from experiments.speedrun.quality.stats import verdict
 
     assert verdict(-0.05, 0.02, 3) == "win"
     assert verdict(-0.03, 0.02, 3) == "tie"  # below zero, but not by more than 2 std
@@ -85,8 +114,11 @@ def _row(arm, seed, k, p, loss, realized, expected):
             "data_fingerprint": f"fp{seed}", "run_id": f"s-{arm}-s{seed}"}
 
 
+@pytest.mark.fast
 def test_summary_arithmetic():
-    from experiments.speedrun.null_quality import parse_config, summarize, summary_markdown
+    from experiments.speedrun.quality.config import parse_config
+    from experiments.speedrun.quality.report import summary_markdown
+    from experiments.speedrun.quality.stats import summarize
 
     cfg = parse_config(["--config_path", STUDY_YAML])
     rows = []
@@ -221,7 +253,7 @@ def test_every_study_config_parses():
     """Each YAML under configs/quality that names a base_config is a study: it parses and its arms validate."""
     import glob
 
-    from experiments.speedrun.null_quality import parse_config
+    from experiments.speedrun.quality.config import parse_config
 
     studies = []
     for path in sorted(glob.glob(os.path.join(ROOT, "configs", "quality", "*.yaml"))):
