@@ -1,6 +1,7 @@
 """The GPU check (scripts/gpu) on CPU: device_check.sh end to end at tiny shapes (every section: versions, the
 accelerator tests, the JAX timings with the Triton kernels in Pallas interpret mode, the PyTorch peers, a training
-run and the bench CLI, then the summary), and the summary's goal checks on made-up rows.
+run and the bench CLI, then the summary), the summary's goal checks on made-up rows, and quality_check.sh end to end
+in its CPU mode (the GPU quality study at tiny shapes).
 
 These runs check the plumbing (files, columns, sections, statuses), not speed.
 """
@@ -114,3 +115,43 @@ def test_results_reject_unknown_columns(tmp_path):
     with pytest.raises(ValueError, match="unknown result columns"):
         res.add(section="layer", speed=1.0)
     res.close()
+
+
+QUALITY_CHECK = ROOT / "scripts" / "gpu" / "quality_check.sh"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+def test_quality_check_tiny_end_to_end(tmp_path):
+    """scripts/gpu/quality_check.sh in its CPU mode: the GPU study's arms, seeds, order and parallel runs at tiny
+    shapes, 2 steps per run. OUT is flat and holds the six files; every run finished (a generous budget here: the
+    2-core test machine is shared)."""
+    import tarfile
+
+    env = dict(os.environ)
+    env.update(PYTHON=sys.executable, QUALITY_CHECK_TINY="1", QUALITY_CHECK_BUDGET_S="1500",
+               QUALITY_CHECK_WORK=str(tmp_path / "work"), NULL_MOE_SITE=str(tmp_path / "site"), JAX_PLATFORMS="cpu")
+    for key in ("XLA_FLAGS", "WANDB_DIR", "WANDB_MODE"):
+        env.pop(key, None)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(QUALITY_CHECK), str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1800, check=False)
+    log = (out / "quality_check.log").read_text()
+    assert proc.returncode == 0, log[-6000:]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "eval_loss_vs_experts.png", "eval_loss_vs_step.png", "quality_check.log", "results.csv", "runs.tar.gz",
+        "summary.md"]
+    for step in ("=== environment", "=== versions", "=== tiny mode", "=== study (budget", "=== outputs",
+                 "=== done: status 0"):
+        assert step in log, step
+    assert "8 to run (2 steps each, 2 at a time)" in log and "study exit code: 0" in log
+    _, rows = _read_csv(out / "results.csv")
+    assert sorted((r["arm"], r["seed"]) for r in rows) == sorted(
+        (a, s) for a in ("k2", "k4-p0.5", "k1", "k4") for s in ("0", "1"))
+    assert {r["train_tokens"] for r in rows} == {str(2 * 8 * 64)}
+    summary = (out / "summary.md").read_text()
+    assert "# Quality study `gpu_study`" in summary and "8 of 8 runs done" in summary
+    assert "| k4-p0.5 | k2 |" in summary and "## Share of the bracket gap (k1 -> k4)" in summary
+    assert "Cut" not in summary
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = tar.getnames()
+    assert sum(n.endswith("/train.log") for n in names) == 8 and sum(n.endswith("/metrics.json") for n in names) == 8

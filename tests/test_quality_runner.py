@@ -19,6 +19,7 @@ from experiments.speedrun.quality.results import load_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "configs", "quality", "cpu_base.yaml")
+GPU_STUDY = os.path.join(ROOT, "configs", "quality", "gpu_study.yaml")
 pytestmark = pytest.mark.fast
 
 
@@ -73,6 +74,14 @@ def test_run_order_by_seed_or_by_arm(tmp_path):
     assert by_seed == [("k2", 0), ("k4-p0.5", 0), ("k2", 1), ("k4-p0.5", 1)]
     by_arm = [(a.name, s) for a, s in _study(tmp_path, order="arm").run_order()]
     assert by_arm == [("k2", 0), ("k2", 1), ("k4-p0.5", 0), ("k4-p0.5", 1)]
+
+
+def test_gpu_study_runs_the_main_comparison_first():
+    cfg = parse_config(["--config_path", GPU_STUDY])
+    order = [(a.name, s) for a, s in cfg.run_order()]
+    assert order[:4] == [("k2", 0), ("k2", 1), ("k4-p0.5", 0), ("k4-p0.5", 1)]
+    assert {a for a, _ in order[4:]} == {"k1", "k4"} and cfg.bracket_arms() == ("k1", "k4")
+    assert cfg.parallel_runs == 4 and cfg.baseline_of(cfg.arm("k4-p0.5")) == "k2"
 
 
 def test_budget_skips_runs_predicted_not_to_fit_and_stops_one_past_the_deadline(tmp_path, stub):
