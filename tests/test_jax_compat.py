@@ -13,6 +13,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent(
@@ -48,6 +50,7 @@ def _run(mode: str) -> subprocess.CompletedProcess:
                           timeout=300, check=False)
 
 
+@pytest.mark.fast
 def test_removed_apis_are_restored_once_and_the_layer_runs():
     removed = _run("remove")
     assert removed.returncode == 0, removed.stdout[-2000:] + removed.stderr[-3000:]

@@ -53,6 +53,8 @@ def test_the_fast_tier_covers_what_it_promises():
         "tests/test_dispatch.py::test_custom_vjps_match_autodiff_of_plain_gathers",
         "tests/test_gmm.py::test_tiled_matches_reference",
         "tests/test_triton_gmm.py::test_matches_reference_f32",
+        "tests/test_triton_fused.py::test_raw_op_matches_per_slot_reference",  # the fused GPU path, interpret mode
+        "tests/test_jax_compat.py::test_removed_apis_are_restored_once_and_the_layer_runs",  # the GPU machines' JAX
         "tests/test_config.py::",
         "tests/test_custom_mixtral.py::test_cli_config_errors_are_one_line_with_exit_code_2",
         "tests/test_preflight.py::test_schedule_errors_name_the_field",
