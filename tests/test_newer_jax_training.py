@@ -58,7 +58,7 @@ def _child(workdir, mode, config):
                PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "src")]))
     env.pop("XLA_FLAGS", None)
     args = ["--config_path", config, "--trainer.id", f"newer-jax-{mode}", "--trainer.num_train_steps", "3",
-            "--trainer.steps_per_eval", "2", "--trainer.max_eval_batches", "1"]
+            "--optimizer.warmup", "0.3", "--trainer.steps_per_eval", "2", "--trainer.max_eval_batches", "1"]
     return subprocess.run([sys.executable, "-c", CHILD, mode, *args], cwd=workdir, env=env, capture_output=True,
                           text=True, timeout=600, check=False)
 
