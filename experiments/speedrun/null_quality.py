@@ -238,7 +238,7 @@ class QualityConfig:
 
         model = {**self.base_model_fields(), **arm.model}
         keys = ("hidden_dim", "intermediate_dim", "n_routed_experts", "take_until_null", "num_null_experts",
-                "renormalize_real", "lbl_coef", "rzl_coef", "balance_scope", "capacity_factor", "ep_transport", "ep_dedup")
+                "renormalize_real", "lbl_coef", "rzl_coef", "balance_scope", "capacity_factor", "ep_transport", "ep_dedup", "null_control", "null_bias_rate", "balance_pool")
         kwargs = {k: model[k] for k in keys if k in model}
         return NullMoEConfig(**kwargs, num_experts_per_tok=arm.num_experts_per_tok,
                              null_route_frac=float(arm.null_route_frac))
