@@ -197,14 +197,13 @@ class NullRoutedMoE(eqx.Module):
             z = self.gate(x).rearrange(token_axes + (self.config.Experts,))
         return z.array.reshape(-1, self.config.n_routed_experts).astype(jnp.float32)
 
-    def _control_bias(self) -> Optional[jax.Array]:
-        """The null-fraction controller's bias as a raw f32 scalar (None under null_control="loss")."""
+    def _raw_null_bias(self) -> Optional[jax.Array]:
+        """The null-fraction controller's bias as a raw scalar (None under null_control="loss")."""
         if self.config.null_control != "bias":
             return None
         if self.null_bias is None:
             raise ValueError("null_control='bias' but the layer has no null_bias (build it with NullRoutedMoE.init)")
-        b = self.null_bias.array if isinstance(self.null_bias, NamedArray) else jnp.asarray(self.null_bias)
-        return jax.lax.stop_gradient(b).astype(jnp.float32)
+        return self.null_bias.array if isinstance(self.null_bias, NamedArray) else jnp.asarray(self.null_bias)
 
     @named_call
     def route(self, x: NamedArray) -> R.Routing:
@@ -226,11 +225,11 @@ class NullRoutedMoE(eqx.Module):
         )
         if u is None:
             return _per_token(lambda z: route(z, None), self._token_axes(x), z)
-        bias = self._control_bias()
+        bias = self._raw_null_bias()
         if bias is None:
             return _per_token(route, self._token_axes(x), z, u)
         # one copy of the (replicated) bias per token, so that each device routes its own tokens as before
-        per_token_bias = jnp.broadcast_to(bias, u.shape)
+        per_token_bias = jnp.broadcast_to(jax.lax.stop_gradient(bias).astype(jnp.float32), u.shape)
         return _per_token(lambda z, u, b: route(z, u, null_bias=b), self._token_axes(x), z, u, per_token_bias)
 
     @named_call
@@ -388,8 +387,8 @@ class NullRoutedMoE(eqx.Module):
         """
         del key  # no dropout in the MoE block
         y, extras = self.apply(x, self.route(x))
-        if self.config.null_control == "bias":
-            b = self.null_bias.array if isinstance(self.null_bias, NamedArray) else jnp.asarray(self.null_bias)
+        b = self._raw_null_bias()
+        if b is not None:
             realized = extras["null_frac"].array
             extras["null_bias"] = hax.named(jax.lax.stop_gradient(b).astype(jnp.float32), ())
             extras["null_bias_signal"] = hax.named(
