@@ -34,6 +34,12 @@ BASE = dict(hidden_dim=8, intermediate_dim=16, n_routed_experts=4, num_experts_p
         ("tile_rows", 12),
         ("fused_experts", "yes"),
         ("balance_scope", "device"),
+        ("null_control", "pid"),
+        ("null_bias_rate", 0.0),
+        ("null_bias_rate", -0.5),
+        ("null_bias_rate", float("inf")),
+        ("null_bias_rate", True),
+        ("balance_pool", "null"),
     ],
 )
 def test_bad_values_raise_naming_the_field(field, value):
@@ -72,3 +78,14 @@ def test_config_is_frozen():
     cfg = NullMoEConfig(**BASE)
     with pytest.raises(Exception):
         cfg.null_route_frac = 0.5  # type: ignore[misc]
+
+
+def test_null_control_fields():
+    """The bias controller needs null slots; balance_pool 'real' needs the bias (else nothing steers the null share)."""
+    cfg = NullMoEConfig(**BASE)
+    assert (cfg.null_control, cfg.balance_pool) == ("loss", "all") and cfg.null_bias_rate > 0
+    assert NullMoEConfig(**{**BASE, "null_route_frac": 0.5, "null_control": "bias", "balance_pool": "real"})
+    with pytest.raises(ValueError, match="null_control='bias' needs null_route_frac > 0"):
+        NullMoEConfig(**{**BASE, "null_control": "bias"})
+    with pytest.raises(ValueError, match="balance_pool='real' needs null_control='bias'"):
+        NullMoEConfig(**{**BASE, "null_route_frac": 0.5, "balance_pool": "real"})

@@ -153,6 +153,12 @@ def test_moe_config_carries_every_null_field():
     assert (m.null_route_frac, m.take_until_null, m.num_null_experts, m.renormalize_real) == (0.25, True, 3, False)
     assert m.lbl_coef is None and m.rzl_coef == 0.001 and m.gmm_backend == "ragged_dot" and m.tile_rows == 8
     assert cfg.num_null == 3
+    assert (m.null_control, m.null_bias_rate, m.balance_pool) == ("loss", 2.0, "all")
+    m = MixtralConfig(**SMALL, null_route_frac=0.5, null_control="bias", null_bias_rate=0.3,
+                      balance_pool="real").moe_config()
+    assert (m.null_control, m.null_bias_rate, m.balance_pool) == ("bias", 0.3, "real")
+    with pytest.raises(ValueError, match="null_bias_rate"):
+        MixtralConfig(**SMALL, null_route_frac=0.5, null_control="bias", null_bias_rate=0.0)
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------------------
@@ -230,8 +236,9 @@ def test_flops_match_levanter_formula_term_by_term():
 
 
 def test_build_param_count_matches_formula():
-    for p, shared, bias in ((0.0, 0, False), (0.5, 0, False), (0.5, 1, True)):
-        cfg = MixtralConfig(**SMALL, null_route_frac=p, n_shared_experts=shared, use_bias=bias)
+    for p, shared, bias, control in ((0.0, 0, False, "loss"), (0.5, 0, False, "loss"), (0.5, 1, True, "loss"),
+                                     (0.5, 0, False, "bias")):
+        cfg = MixtralConfig(**SMALL, null_route_frac=p, n_shared_experts=shared, use_bias=bias, null_control=control)
         model = eqx.filter_eval_shape(cfg.build, VOCAB, key=jax.random.PRNGKey(0))
         n = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(model) if hasattr(x, "shape"))
         assert n == cfg.total_trainable_params(VOCAB.size)
@@ -446,3 +453,106 @@ def test_run_monitor_prints_every_n_steps_plus_first_and_last():
     lines = out.getvalue().splitlines()
     assert [line.split()[1] for line in lines] == ["4/10", "6/10", "8/10", "10/10", "10/10"]
     assert "eval_loss 4.5000" in lines[1] and lines[4] == "step 10/10  eval_loss 4.2500"
+
+
+# --- null_control: bias, inside Levanter's step -------------------------------------------------------------------
+def _bias_model(rate=0.7, biases=(0.3, -0.2)):
+    cfg = MixtralConfig(**SMALL, null_route_frac=0.5, null_control="bias", null_bias_rate=rate)
+    model = cfg.build(VOCAB, key=jax.random.PRNGKey(0))
+    model = eqx.tree_at(lambda m: m.transformer.layers.stacked.block_sparse_moe.null_bias, model,
+                        hax.named(jnp.asarray(biases, jnp.float32), (cfg.Layers,)))
+    return cfg, model
+
+
+def _biases(model) -> np.ndarray:
+    return np.asarray(model.transformer.layers.stacked.block_sparse_moe.null_bias.array)
+
+
+def test_levanter_step_moves_each_layers_bias_by_rate_times_its_error():
+    """Levanter's gradient accumulation (2 microbatches) and its take_train_step with AdamW (weight decay, gradient
+    clipping, warmup): each layer's bias gets the error of the whole batch (the mean of the equal microbatches'
+    errors) as its gradient and moves by exactly rate x (p - that layer's realized null fraction), whatever the
+    learning rate (0 at the first warmup step); every other parameter gets the inner optimizer's update for the
+    gradients without the bias, as if the bias were not there."""
+    from jax.sharding import Mesh
+    from levanter.grad_accum import microbatched
+    from levanter.optim import AdamConfig
+    from levanter.trainer_state import init_optimizer_for_trainables, take_train_step
+
+    from experiments.speedrun.null_bias import null_bias_mask, wrap_optimizer
+
+    cfg, model = _bias_model()
+    example = _example(cfg, batch=4)
+    Batch = example.tokens.resolve_axis("batch")
+
+    @eqx.filter_jit
+    def realized_of(m, tokens):
+        return m.routing_extras(tokens, example.attn_mask)["null_frac"].array
+
+    realized = np.asarray(realized_of(model, example.tokens))
+    halves = [np.asarray(realized_of(model, example.tokens[Batch, hax.ds(i, 2)])) for i in (0, 2)]
+    assert realized[0] != realized[1] and not np.allclose(halves[0], halves[1])  # layers and microbatches differ
+    np.testing.assert_allclose((halves[0] + halves[1]) / 2, realized, atol=1e-6)
+
+    def loss_fn(m, ex):
+        return compute_next_token_loss(m, ex).scalar(), {}
+
+    mapping = {"batch": "data"}
+    with hax.partitioning.set_mesh(Mesh(np.array(jax.devices()[:1]), ("data",))), hax.axis_mapping(mapping):
+        grad_fn = microbatched(eqx.filter_value_and_grad(loss_fn, has_aux=True), Batch, 2, mapping, mapping)
+        (_, _), grads = eqx.filter_jit(grad_fn)(model, example)
+    np.testing.assert_allclose(_biases(grads), realized - 0.5, atol=1e-6)  # the control error, as the gradient
+
+    adamw = AdamConfig(learning_rate=1e-3, weight_decay=0.1, warmup=10, max_grad_norm=1e-3)
+
+    @eqx.filter_jit
+    def two_steps(opt, grads):  # step 0 at warmup lr = 0, step 1 at lr > 0, the same gradients
+        state = init_optimizer_for_trainables(opt, model)
+        m1, state, _ = take_train_step(opt, model, state, grads)
+        m2, _, _ = take_train_step(opt, m1, state, grads)
+        return m1, m2
+
+    ours = two_steps(wrap_optimizer(adamw.build(100), cfg.null_bias_rate), grads)
+    step = 0.7 * (0.5 - realized)
+    np.testing.assert_allclose(_biases(ours[0]), _biases(model) + step, atol=1e-6)
+    np.testing.assert_allclose(_biases(ours[1]), _biases(model) + 2 * step, atol=1e-6)
+    no_bias = jax.tree_util.tree_map(lambda g, m: jnp.zeros_like(g) if m else g, grads, null_bias_mask(grads))
+    theirs = two_steps(adamw.build(100), no_bias)
+    for a_model, b_model in zip(ours, theirs):
+        a_tree, b_tree = eqx.filter(a_model, eqx.is_array), eqx.filter(b_model, eqx.is_array)
+        for a, b, is_bias in zip(jax.tree_util.tree_leaves(a_tree), jax.tree_util.tree_leaves(b_tree),
+                                 jax.tree_util.tree_leaves(null_bias_mask(a_tree))):
+            if not is_bias:
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+    moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(eqx.filter(ours[1], eqx.is_array)),
+                                                           jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array)))]
+    assert max(moved) > 1e-5  # the other parameters did train at step 1
+
+
+def test_null_bias_is_logged_per_layer_and_as_the_mean():
+    cfg, model = _bias_model()
+    stats = eqx.filter_jit(lambda m: moe_stats_to_log(m.routing_extras(_tokens(cfg)), cfg))(model)
+    assert float(stats["moe/layer0/null_bias"]) == pytest.approx(0.3)
+    assert float(stats["moe/layer1/null_bias"]) == pytest.approx(-0.2)
+    assert float(stats["moe/null_bias"]) == pytest.approx(0.05)
+    assert "moe/layer1/null_frac" in stats and "moe/null_frac" in stats
+    assert not any("null_bias_signal" in k for k in stats)
+    loss_cfg = MixtralConfig(**SMALL, null_route_frac=0.5)
+    loss_model = loss_cfg.build(VOCAB, key=jax.random.PRNGKey(0))
+    loss_stats = eqx.filter_jit(lambda m: moe_stats_to_log(m.routing_extras(_tokens(loss_cfg)), loss_cfg))(loss_model)
+    assert "moe/null_frac" in loss_stats and not any("null_bias" in k for k in loss_stats)
+    assert model.config.moe_hyperparameters()["moe/null_control"] == "bias"
+
+
+def test_install_wraps_the_optimizer_only_under_bias_control():
+    from experiments.speedrun.null_bias import install
+
+    config = _parse(["--model.null_control", "bias", "--model.null_bias_rate", "0.25"])
+    assert config.model.null_control == "bias" and config.model.null_bias_rate == 0.25
+    before = type(config.optimizer).build
+    assert install(config)
+    opt = config.optimizer.build(100)
+    params = {"null_bias": jnp.zeros(()), "w": jnp.ones(())}  # a dict key is not an attribute: nothing is a bias
+    assert opt.init(params) is not None
+    assert not install(_parse())
+    assert type(config.optimizer).build is before  # the class is untouched; only this instance builds wrapped

@@ -231,6 +231,35 @@ def test_dropless_forced_routing_equals_single_device(dedup):
             _assert_equal_to_single(single, ep)
 
 
+@needs_8
+@pytest.mark.parametrize("mapping", [MAPPING, {"batch": ("data", "expert")}], ids=["expert_parallel", "data_parallel"])
+def test_null_bias_uses_the_global_realized_fraction(mapping):
+    """Expert parallel, and tokens over all 8 devices without EP: every device selects with the same bias (the
+    routing equals the single-device one) and the bias's gradient, the update's error, is the realized null fraction
+    of all tokens - p (the single-device figure), not a device's own fraction."""
+    cfg = _cfg(null_route_frac=0.5, null_control="bias")
+    layer, x, cot = _inputs(cfg, seed=7)
+    layer = eqx.tree_at(lambda l: l.null_bias, layer, hax.named(jnp.float32(0.4), ()))
+
+    @eqx.filter_jit
+    def step(layer, x):
+        def loss(l):
+            y, ex = l(x)
+            return hax.sum(y * cot).scalar() + ex["null_bias_signal"].scalar(), ex["null_frac"].array
+        (_, null_frac), grads = eqx.filter_value_and_grad(loss, has_aux=True)(layer)
+        return null_frac, grads.null_bias.array, layer.route(x).expert_ids
+
+    nf1, g1, ids1 = step(layer, x)
+    with hax.partitioning.set_mesh(_mesh()), hax.axis_mapping(mapping):
+        nf8, g8, ids8 = step(hax.shard(layer), hax.shard(x))
+    np.testing.assert_array_equal(np.asarray(ids8), np.asarray(ids1))
+    assert float(g1) == pytest.approx(float(nf1) - 0.5, abs=1e-7)
+    assert float(g8) == pytest.approx(float(g1), abs=1e-7) and float(nf8) == pytest.approx(float(nf1), abs=1e-7)
+    ids = np.asarray(ids1)
+    local = [float((shard == N).mean()) for shard, _ in _shard_routing(ids)]
+    assert max(abs(f - float(nf1)) for f in local) > 0.05, local  # a device's own fraction would differ
+
+
 def _shard_routing(ids: np.ndarray):
     """Global [T, k] ids -> per device shard s (tokens s*8 .. s*8+7) and its expert-axis index."""
     per = ids.shape[0] // SHARDS

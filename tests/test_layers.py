@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from pathlib import Path
 
 from null_moe import NullMoEConfig, NullRoutedMoE
 from tests import reference as ref
@@ -40,11 +41,14 @@ def _layer_grads(layer, x, cot):
     return loss, aux, grads, gx
 
 
-def _reference_grads(layer, x, cot):
+def _reference_grads(layer, x, cot, selection_bias=0.0):
+    """The dense reference; ``selection_bias`` is added to the null copies' logits for choosing the slots only."""
     cfg = layer.config
     x_flat = ref.flat_tokens(layer, x)
     logits = ref.expanded_logits(cfg, x_flat, *ref.raw_params(layer)[:2])
-    pool_ids, null = ref.route_per_token(cfg, np.asarray(jax.nn.softmax(logits, axis=-1)))
+    selection = np.asarray(logits).copy()
+    selection[:, cfg.n_routed_experts:] += selection_bias
+    pool_ids, null = ref.route_per_token(cfg, np.asarray(jax.nn.softmax(jnp.asarray(selection), axis=-1)))
     cot_flat = ref.flat_tokens(layer, cot)
 
     def loss(layer, x_flat):
@@ -322,3 +326,138 @@ def test_sequence_balance_scope_is_the_mean_of_each_sequences_loss():
     assert seq_layer.balance_groups(x_tok) == 1
     np.testing.assert_allclose(float(seq_layer(x_tok)[1]["load_balancing_loss"].array),
                                float(e_batch["load_balancing_loss"].array), rtol=1e-6)
+
+
+# --- null_control ---------------------------------------------------------------------------------------------------
+GOLDEN = Path(__file__).parent / "data" / "loss_control_golden.npz"
+# (p, k, N, M, take_until_null, renormalize_real, balance_scope): the cases of the golden file, in its order
+GOLDEN_CASES = [
+    (0.5, 2, 8, None, False, True, "batch"),
+    (0.25, 4, 6, 1, True, True, "sequence"),
+    (0.75, 3, 4, None, False, False, "batch"),
+]
+
+
+def test_loss_control_equals_the_layer_before_null_control():
+    """null_control="loss" (the default) is today's layer: outputs, routing, every extra and every gradient equal
+    those the layer computed before null_control existed (tests/data/loss_control_golden.npz, written by the layer
+    at commit bddc338 on the dev CPU: bit for bit there; a last-ulp tolerance for other CPUs)."""
+    golden = np.load(GOLDEN)
+    B, P = hax.Axis("batch", 3), hax.Axis("position", 8)
+    for i, (p, k, n, m, tun, renorm, scope) in enumerate(GOLDEN_CASES):
+        cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=n, num_experts_per_tok=k,
+                            null_route_frac=p, num_null_experts=m, take_until_null=tun, renormalize_real=renorm,
+                            balance_scope=scope, tile_rows=8)
+        assert cfg.null_control == "loss"
+        layer = NullRoutedMoE.init(cfg, key=jax.random.PRNGKey(10 + i))
+        assert layer.null_bias is None  # no new parameter: checkpoints and optimizer state are as before
+        x = hax.random.normal(jax.random.PRNGKey(20 + i), (B, P, cfg.Embed))
+        cot = hax.random.normal(jax.random.PRNGKey(30 + i), (B, P, cfg.Embed))
+
+        def loss(l, x):
+            y, ex = l(x)
+            return hax.sum(y * cot).scalar() + ex["load_balancing_loss"].scalar() + ex["router_z_loss"].scalar(), (y, ex)
+
+        (v, (y, ex)), (g, gx) = eqx.filter_jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(layer, x)
+        routing = eqx.filter_jit(lambda l, x: l.route(x))(layer, x)
+        ours = {"loss": v, "y": y.array, "gx": gx.array, "expert_ids": routing.expert_ids, "weights": routing.weights,
+                **{f"extras/{name}": val.array for name, val in ex.items()},
+                **{f"grad/{name}": getattr(g, attr[0]).weight.array if len(attr) == 1 else
+                   getattr(g.experts, attr[1]).weight.array
+                   for name, attr in (("gate", ("gate",)), ("null_gate", ("null_gate",)), ("w1", ("experts", "w1")),
+                                      ("w2", ("experts", "w2")), ("w3", ("experts", "w3")))}}
+        want = {key.split("/", 1)[1]: golden[key] for key in golden.files if key.startswith(f"c{i}/")}
+        assert set(ours) == set(want), (i, set(ours) ^ set(want))
+        for name, value in ours.items():
+            value = np.asarray(value)
+            if value.dtype.kind in "iub":
+                np.testing.assert_array_equal(value, want[name], err_msg=f"case {i} {name}")
+            else:
+                np.testing.assert_allclose(value, want[name], rtol=2e-6, atol=1e-7, err_msg=f"case {i} {name}")
+
+
+BIAS_CASES = [
+    # (p, k, N, M, take_until_null, renormalize_real, bias)
+    (0.5, 2, 8, None, False, True, 0.8),
+    (0.3, 4, 6, 3, True, True, 1.5),  # M = 3 < k
+    (0.9, 8, 8, None, False, False, -1.0),
+]
+
+
+@pytest.mark.parametrize("p,k,n,m,tun,renorm,bias", BIAS_CASES)
+def test_null_bias_changes_the_selection_only(p, k, n, m, tun, renorm, bias):
+    """With a bias b the layer equals the dense reference whose slots are chosen on logits with u + b for the null
+    copies and whose gate weights, aux losses and every gradient come from the unbiased logits; b gets no gradient
+    from the output or the aux losses."""
+    cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=n, num_experts_per_tok=k,
+                        null_route_frac=p, num_null_experts=m, take_until_null=tun, renormalize_real=renorm,
+                        tile_rows=8, null_control="bias")
+    layer, x = _layer_and_input(cfg, seed=int(p * 10) + k)
+    layer = eqx.tree_at(lambda l: l.null_bias, layer, hax.named(jnp.float32(bias), ()))
+    cot = hax.random.normal(jax.random.PRNGKey(7), x.axes)
+    loss, (y, extras), grads, gx = _layer_grads(layer, x, cot)
+    r_loss, r_y, r_lbl, r_rzl, r_grads, r_gx, r_stats = _reference_grads(layer, x, cot, selection_bias=bias)
+    _, _, _, _, _, _, unbiased_stats = _reference_grads(layer, x, cot)
+    assert r_stats["null_frac"] != unbiased_stats["null_frac"]  # the bias moved some slots here
+
+    np.testing.assert_allclose(ref.flat_tokens(layer, y), r_y, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(extras["load_balancing_loss"].array, r_lbl, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(extras["router_z_loss"].array, r_rzl, rtol=1e-5, atol=1e-7)
+    for name, value in r_stats.items():
+        np.testing.assert_allclose(np.asarray(extras[name].array), value, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(loss, r_loss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ref.flat_tokens(layer, gx), r_gx, atol=1e-5, rtol=1e-4)
+    for name, a, b in zip(["gate", "null_gate", "w1", "w2", "w3"], ref.raw_params(grads), ref.raw_params(r_grads)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=name)
+    assert float(grads.null_bias.array) == 0.0
+    assert float(extras["null_bias"].array) == np.float32(bias)
+
+
+def test_null_bias_signal_carries_the_control_error():
+    """extras["null_bias_signal"] is 0 and its gradient for null_bias is this call's realized null fraction - p."""
+    cfg = NullMoEConfig(hidden_dim=8, intermediate_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+                        null_route_frac=0.5, tile_rows=8, null_control="bias")
+    layer, x = _layer_and_input(cfg)
+    assert float(layer.null_bias.array) == 0.0 and layer.null_bias.array.dtype == jnp.float32
+
+    def signal(l):
+        _, ex = l(x)
+        return ex["null_bias_signal"].scalar(), ex
+
+    (value, ex), g = eqx.filter_jit(eqx.filter_value_and_grad(signal, has_aux=True))(layer)
+    assert float(value) == 0.0
+    assert float(g.null_bias.array) == pytest.approx(float(ex["null_frac"].array) - 0.5, abs=1e-7)
+    assert float(g.null_bias.array) != 0.0
+
+
+def test_forced_routing_ignores_null_control():
+    """The bench's forced routing reads no bias and no balance pool: same weights, same mask -> the same output,
+    extras and gradients under either control (the bias here is far from 0, and the pool 'real')."""
+    kw = dict(hidden_dim=8, intermediate_dim=16, n_routed_experts=8, num_experts_per_tok=4, null_route_frac=0.5,
+              tile_rows=8)
+    loss_layer = NullRoutedMoE.init(NullMoEConfig(**kw), key=jax.random.PRNGKey(3))
+    bias_layer = NullRoutedMoE.init(NullMoEConfig(**kw, null_control="bias", balance_pool="real"),
+                                    key=jax.random.PRNGKey(3))
+    bias_layer = eqx.tree_at(lambda l: l.null_bias, bias_layer, hax.named(jnp.float32(2.5), ()))
+    for a, b in zip(ref.raw_params(loss_layer), ref.raw_params(bias_layer)):  # the bias takes no key: same init
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    x = hax.random.normal(jax.random.PRNGKey(4), (Batch, Pos, loss_layer.config.Embed))
+    cot = hax.random.normal(jax.random.PRNGKey(5), x.axes)
+    key = jax.random.PRNGKey(6)
+
+    @eqx.filter_jit
+    def forced(layer):
+        def loss(l):
+            y, ex = l.apply(x, l.route_forced(x, key=key, null_frac=0.5, mode="take_until_null"))
+            return hax.sum(y * cot).scalar() + ex["load_balancing_loss"].scalar() + ex["router_z_loss"].scalar(), (y, ex)
+        return eqx.filter_value_and_grad(loss, has_aux=True)(layer)
+
+    (la, (ya, ea)), ga = forced(loss_layer)
+    (lb, (yb, eb)), gb = forced(bias_layer)
+    assert float(la) == float(lb)
+    np.testing.assert_array_equal(np.asarray(ya.array), np.asarray(yb.array))
+    assert set(ea) == set(eb)
+    for name in ea:
+        np.testing.assert_array_equal(np.asarray(ea[name].array), np.asarray(eb[name].array), err_msg=name)
+    for a, b in zip(ref.raw_params(ga), ref.raw_params(gb)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

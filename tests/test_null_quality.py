@@ -264,3 +264,7 @@ def test_every_study_config_parses():
     assert {c.name for c in studies} >= {"cpu_study", "cpu_balance_scope"}
     scope = next(c for c in studies if c.name == "cpu_balance_scope")
     assert [scope.moe_config(a).balance_scope for a in scope.arms] == ["batch", "sequence"]
+    control = next(c for c in studies if c.name == "cpu_null_control")
+    assert [(a.name, control.moe_config(a).null_control, control.moe_config(a).balance_pool) for a in control.arms
+            if a.is_null] == [("k4-p0.5", "loss", "all"), ("k4-p0.5-bias", "bias", "all"),
+                              ("k4-p0.5-bias-real", "bias", "real")]

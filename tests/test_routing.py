@@ -209,3 +209,101 @@ def test_grouped_load_balancing_loss_needs_groups_dividing_the_tokens():
     for bad in (0, 3):
         with pytest.raises(ValueError, match="groups must divide the 10 tokens"):
             R.load_balancing_loss(routing, 4, 0.1, bad)
+
+
+# --- the null-fraction controller (null_control="bias") ------------------------------------------------------------
+def _zu(t=40, n=6, seed=0):
+    return jax.random.normal(jax.random.PRNGKey(seed), (t, n)), jax.random.normal(jax.random.PRNGKey(seed + 1), (t,))
+
+
+@pytest.mark.parametrize("m,k,tun,renorm,bias", [(3, 4, False, True, 0.7), (3, 4, True, True, -0.4),
+                                                 (10, 6, True, False, 1.3), (2, 3, False, True, -2.0)])
+def test_null_bias_moves_the_selection_only(m, k, tun, renorm, bias):
+    """Slots: the per-token loop on logits whose M null copies read u + b. Gate weights: the *unbiased* probs of those
+    slots (renormalized over the real ones); probs and logits (what the aux losses read): the unbiased ones."""
+    n = 6
+    z, u = _zu(n=n)
+    # the layer passes one copy of the bias per token ([T]); a scalar is the same
+    b = jnp.full((z.shape[0],), bias, jnp.float32) if tun else jnp.float32(bias)
+    r = R.learned_routing(z, u, k=k, num_null=m, take_until_null=tun, renormalize_real=renorm, null_bias=b)
+    logits = np.asarray(R.expand_logits(z, u, m))
+    biased = logits.copy()
+    biased[:, n:] += bias
+    ids, _ = _loop_route(biased, n, k, tun, renorm)
+    np.testing.assert_array_equal(np.asarray(r.expert_ids), ids)
+    unbiased_ids, _ = _loop_route(logits, n, k, tun, renorm)
+    assert (ids != unbiased_ids).any()  # the bias did change some selections here
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+    w = np.where(ids < n, np.take_along_axis(probs, np.minimum(ids, n - 1), axis=1), 0.0)
+    if renorm:
+        s = w.sum(-1, keepdims=True)
+        w = np.where(s > 0, w / np.where(s > 0, s, 1.0), 0.0)
+    np.testing.assert_allclose(np.asarray(r.weights), w, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(r.probs), probs, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(r.logits), logits)
+
+
+def test_null_bias_update_moves_toward_the_target_from_above_and_below():
+    """The rule b <- b + rate (p - realized), closed around a fixed router: it starts above the target (p = 0.2) or
+    below it (p = 0.8), moves the bias the right way from the first step and settles within 1% of p."""
+    n, k, m, t = 8, 2, 8, 1024
+    z, u = _zu(t=t, n=n, seed=3)
+    u = u + 1.0  # the null logit's own level: about a third of the slots null at b = 0
+
+    def realized(b):
+        r = R.learned_routing(z, u, k=k, num_null=m, take_until_null=False, renormalize_real=True,
+                              null_bias=jnp.float32(b))
+        return float(R.routing_stats(r.expert_ids, n)["null_frac"])
+
+    start = realized(0.0)
+    assert 0.2 < start < 0.8, start
+    assert float(R.null_bias_update(jnp.float32(0.5), 0.3, 0.4, 2.0)) == pytest.approx(0.7)
+    for p in (0.2, 0.8):
+        b, errors = 0.0, []
+        for step in range(30):
+            r = realized(b)
+            errors.append(abs(r - p))
+            b = float(R.null_bias_update(jnp.float32(b), r, p, 1.0))
+            if step == 0:
+                assert (b < 0) if p < start else (b > 0), (p, b)  # down from above, up from below
+        assert errors[-1] < 0.01 and max(errors[-10:]) < 0.01, (p, errors)
+        assert errors[0] > 0.1
+
+
+def test_null_bias_signal_is_zero_with_the_control_error_as_gradient():
+    b = jnp.float32(0.37)
+    value, grad = jax.value_and_grad(lambda b: R.null_bias_signal(b, jnp.float32(0.61), 0.5))(b)
+    assert float(value) == 0.0
+    assert float(grad) == pytest.approx(0.11, abs=1e-6)
+    # the realized fraction is data, not a path for gradients
+    g_frac = jax.grad(lambda r: R.null_bias_signal(b, r, 0.5))(jnp.float32(0.61))
+    assert float(g_frac) == 0.0
+
+
+def test_lbl_over_the_real_pool():
+    """pool='real': loads are shares of the real assignments, probs the softmax over the real logits, f = load N / k;
+    the null logit gets no gradient from it; with M = 0 it is the usual loss."""
+    n, k, m, t = 6, 3, 4, 50
+    z, u = _zu(t=t, n=n, seed=5)
+    coef = 0.1
+
+    def lbl(z, u, pool):
+        r = R.learned_routing(z, u, k=k, num_null=m, take_until_null=False, renormalize_real=True,
+                              null_bias=jnp.float32(0.5))
+        return R.load_balancing_loss(r, n, coef, pool=pool)
+
+    r = R.learned_routing(z, u, k=k, num_null=m, take_until_null=False, renormalize_real=True,
+                          null_bias=jnp.float32(0.5))
+    ids = np.asarray(r.expert_ids)
+    counts = np.array([(ids == i).sum() for i in range(n)], np.float64)
+    assert counts.sum() < t * k  # some slots are null
+    real_probs = np.asarray(jax.nn.softmax(z, axis=-1)).mean(0)
+    want = coef * np.sum(counts / counts.sum() * n / k * real_probs)
+    assert float(lbl(z, u, "real")) == pytest.approx(want, rel=1e-5)
+    assert float(lbl(z, u, "real")) != pytest.approx(float(lbl(z, u, "all")), rel=1e-3)
+    assert float(jax.grad(lbl, argnums=1)(z, u, "real").__abs__().max()) == 0.0
+    assert float(jax.grad(lbl, argnums=1)(z, u, "all").__abs__().max()) > 0.0
+    r0 = R.learned_routing(z, None, k=k, num_null=0, take_until_null=False, renormalize_real=True)
+    assert float(R.load_balancing_loss(r0, n, coef, pool="real")) == float(R.load_balancing_loss(r0, n, coef))
+    with pytest.raises(ValueError, match="pool"):
+        R.load_balancing_loss(r0, n, coef, pool="null")

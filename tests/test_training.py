@@ -13,6 +13,11 @@ W&B, tiny model, a small stdlib-source corpus built once with max_chars):
   single-device losses step by step.
 
 Runs use a constant learning rate after a 4-step warmup, so a shorter run has the same schedule as a longer one.
+They train with ``null_control: bias`` (a superset of the default "loss" control: the same model plus one bias per
+layer), so the same runs also check the null-fraction controller end to end: ``moe/null_bias`` logged per layer
+and as the mean, each layer's bias moving by exactly ``null_bias_rate x (p - realized)`` after every step, the bias
+restored from the checkpoint on resume, and the same biases on the 4-device mesh. The default control trains end
+to end in tests/test_training_configs.py and tests/test_null_quality.py.
 """
 
 from __future__ import annotations
@@ -73,6 +78,9 @@ def tiny_corpus(tmp_path_factory):
     return d
 
 
+NULL_CONTROL = {"null_control": "bias", "null_bias_rate": 2.0}
+
+
 def _write_config(workdir: str, corpus: str, *, eval: bool = True, watch: bool = True, **trainer_overrides) -> str:
     """tiny_cpu.yaml pointed at ``corpus``. ``eval=False`` drops the validation set and ``watch=False`` Levanter's
     every-10-steps parameter/gradient norms: each saves a compile (about 10 s here) where a test does not need it."""
@@ -88,6 +96,7 @@ def _write_config(workdir: str, corpus: str, *, eval: bool = True, watch: bool =
     if not watch:
         cfg["trainer"]["watch"] = {"interval": 0}
     cfg["optimizer"].update(lr_schedule="constant", warmup=4)
+    cfg["model"].update(NULL_CONTROL)
     path = os.path.join(workdir, "config.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
@@ -177,6 +186,7 @@ def test_tiny_training_loss_falls_and_logs_everything(single_run, corpus):
         "moe/layer0/expert0_load", "moe/layer1/expert7_load", "moe/expert0_load",
         "moe/real_per_token_0", "moe/real_per_token_2",
         "train/load_balancing_loss", "train/router_z_loss",
+        "moe/null_bias", "moe/layer0/null_bias", "moe/layer1/null_bias",
     ]
     missing = [k for k in required if k not in keys]
     assert not missing, missing
@@ -198,6 +208,7 @@ def test_tiny_training_loss_falls_and_logs_everything(single_run, corpus):
     assert cfg["moe/gmm_backend_requested"] == "auto"
     assert cfg["moe/expert_path"] == "fused"
     assert cfg["moe/num_null_experts"] == 8
+    assert cfg["moe/null_control"] == "bias" and cfg["model"]["null_bias_rate"] == NULL_CONTROL["null_bias_rate"]
     assert cfg["model"]["null_route_frac"] == 0.5 and cfg["model"]["gmm_backend"] == "auto"
     assert cfg["host/malloc"] == "resident"  # auto on a CPU-only JAX: the CLI re-executed itself
 
@@ -247,6 +258,7 @@ def test_progress_lines_log_file_and_host_allocator(single_run):
         fields = line.split()
         assert fields[2] == "loss" and float(fields[3]) == pytest.approx(losses[step], abs=1e-4)
         assert "tok/s" in fields and "null_frac" in fields and "experts/tok" in fields and "realized" in fields
+        assert "null_bias" in fields
     assert "eval_loss" in lines[0] and "eval_loss" in lines[8]  # steps_per_eval 8
     # Levanter evaluates once more at the end, after the last step's line
     assert proc.stdout.splitlines()[-1].startswith(f"step {STEPS}/{STEPS}  eval_loss ")
@@ -280,6 +292,21 @@ def test_extended_run_resumes_from_checkpoint(single_run):
     assert abs(losses[STEPS] - first_losses[STEPS - 1]) < 0.5
     resumed = [line.split()[1] for line in _progress_lines(proc)]
     assert resumed == [f"{s}/{RESUME_STEPS}" for s in range(STEPS + 1, RESUME_STEPS + 1)]
+    # null_control: bias. Every step moves each layer's bias by rate x (p - that layer's realized null fraction of
+    # the step), from 0 at step 0; the resumed run starts from the bias the checkpoint holds, not from 0.
+    rate, p = NULL_CONTROL["null_bias_rate"], 0.5
+    rows = {int(h["_step"]): h for rec in (single_run["rec"], second) for h in rec["history"] if "moe/null_bias" in h}
+    assert sorted(rows) == list(range(RESUME_STEPS))
+    for i in range(2):
+        bias = [rows[s][f"moe/layer{i}/null_bias"] for s in range(RESUME_STEPS)]
+        frac = [rows[s][f"moe/layer{i}/null_frac"] for s in range(RESUME_STEPS)]
+        assert bias[0] == 0.0
+        for s in range(1, RESUME_STEPS):
+            assert bias[s] == pytest.approx(bias[s - 1] + rate * (p - frac[s - 1]), abs=1e-5), (i, s)
+        assert abs(bias[STEPS]) > 0.05  # what the resumed run started from: a trained bias
+    for s in range(RESUME_STEPS):
+        assert rows[s]["moe/null_bias"] == pytest.approx(
+            (rows[s]["moe/layer0/null_bias"] + rows[s]["moe/layer1/null_bias"]) / 2, abs=1e-6)
 
 
 def test_rerunning_a_finished_run_says_so_and_exits_0(single_run):
@@ -348,3 +375,9 @@ def test_four_device_data_fsdp_mesh_matches_single_device(single_run, tmp_path_f
     assert sorted(n4) == list(range(MESH_STEPS))
     for s in range(EXACT_STEPS):
         assert n4[s] == pytest.approx(n1[s], abs=1e-6)
+    # the null-fraction controller: the same biases (each update used the global realized fraction)
+    b1 = {int(h["_step"]): h["moe/null_bias"] for h in single_run["rec"]["history"] if "moe/null_bias" in h}
+    b4 = {int(h["_step"]): h["moe/null_bias"] for h in rec["history"] if "moe/null_bias" in h}
+    for s in range(EXACT_STEPS + 1):
+        assert b4[s] == pytest.approx(b1[s], abs=1e-5), (s, b4, b1)
+    assert abs(b4[EXACT_STEPS]) > 0.01

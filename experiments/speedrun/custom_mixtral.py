@@ -55,7 +55,16 @@ from levanter.models.llama import LlamaEmbedding, LlamaMlp
 from levanter.models.lm_model import LmConfig, LmHeadModel
 from levanter.utils.activation import ActivationFunctionEnum
 
-from null_moe.config import ACTIVATIONS, BalanceScope, EpTransport, GmmBackend, NullMoEConfig
+from null_moe.config import (
+    ACTIVATIONS,
+    DEFAULT_NULL_BIAS_RATE,
+    BalancePool,
+    BalanceScope,
+    EpTransport,
+    GmmBackend,
+    NullControl,
+    NullMoEConfig,
+)
 
 from experiments.speedrun.levanter_pin_workarounds import log_moe_stats
 
@@ -93,6 +102,10 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
         tile_rows: row tile of the CPU ``tiled`` backend (None = measured default).
         capacity_factor, ep_transport, ep_dedup: expert parallelism (when the trainer's axis_resources map
             ``experts`` to a mesh axis that also shards the batch, e.g. ``experts: replica``); None = dropless.
+        null_control: "loss" (the load-balancing loss alone steers the null share) or "bias" (a per-layer bias
+            on the null copies' selection scores, moved after every step by null_bias_rate x (p - realized null
+            fraction); the training CLI installs that update, see ``experiments/speedrun/null_bias.py``).
+        null_bias_rate: the bias's step size; balance_pool: "all" (N + M) or "real" (needs null_control bias).
     Logging:
         log_moe_stats: log routing statistics (moe/...) every step; log_expert_loads: also per-expert loads.
     """
@@ -128,6 +141,9 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
     capacity_factor: Optional[float] = None
     ep_transport: EpTransport = "auto"
     ep_dedup: bool = True
+    null_control: NullControl = "loss"
+    null_bias_rate: float = DEFAULT_NULL_BIAS_RATE
+    balance_pool: BalancePool = "all"
 
     # attention
     upcast_attn: bool = False
@@ -193,6 +209,9 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
             capacity_factor=self.capacity_factor,
             ep_transport=self.ep_transport,
             ep_dedup=self.ep_dedup,
+            null_control=self.null_control,
+            null_bias_rate=self.null_bias_rate,
+            balance_pool=self.balance_pool,
         )
 
     @property
@@ -270,6 +289,7 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
             "moe/num_null_experts": self.num_null,
             "moe/null_route_frac_target": self.null_route_frac,
             "moe/take_until_null": self.take_until_null,
+            "moe/null_control": self.null_control,
             "moe/expected_real_experts_per_token": self.expected_real_experts_per_token,
             "mesh/device_count": jax.device_count(),
         }
@@ -323,6 +343,8 @@ class MixtralConfig(LmConfig["NullMixtralLMHeadModel"]):
         if self.use_bias:
             attn += hs * H + 2 * hs * KV + D
         router = D * self.n_routed_experts + D  # real gate + null gate (the MoE layer has no biases)
+        if self.null_control == "bias":
+            router += 1  # the null-fraction controller's bias (one scalar per layer)
         experts = 3 * self.n_routed_experts * D * F
         shared = 3 * self.n_shared_experts * D * F
         if self.use_bias and self.n_shared_experts:
@@ -430,7 +452,9 @@ class NullMixtralTransformer(eqx.Module):
         x = self.norm(x)
 
         aux_loss = 0.0
-        for name in ("load_balancing_loss", "router_z_loss"):
+        # null_bias_signal (null_control="bias") is 0 in value: it only hands each layer's control error to the
+        # optimizer as its null_bias's gradient
+        for name in ("load_balancing_loss", "router_z_loss", "null_bias_signal"):
             if name in extras:
                 aux_loss = aux_loss + hax.sum(extras[name], axis=self.config.Layers)
 

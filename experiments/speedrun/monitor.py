@@ -131,6 +131,7 @@ class RunMonitor(Tracker):
         add("throughput/tokens_per_second", "tok/s {:,.0f}")
         add("moe/null_frac", "null_frac {:.3f}")
         add("moe/experts_per_token", "experts/tok {:.3f}")
+        add("moe/null_bias", "null_bias {:+.3f}")
         add("throughput/realized_gflops_per_second", "realized {:.2f} GFLOP/s")
         add("throughput/mfu", "mfu {:.1f}%")
         add("throughput/realized_mfu", "realized_mfu {:.1f}%")

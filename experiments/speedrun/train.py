@@ -26,10 +26,12 @@ What it does, in order:
    (``local_data.ensure_local_data``).
 4. A run id whose checkpoint already reached ``num_train_steps`` is complete: it prints
    ``run <id> already complete at step N (num_train_steps=N); nothing to do`` and exits 0 without training.
-5. Trains through ``train_lm.main`` with the workarounds of ``levanter_pin_workarounds`` (last-step checkpoint,
+5. With ``model.null_control: bias``, wraps the optimizer so that each MoE layer's null bias moves by exactly
+   ``null_bias_rate x (p - realized null fraction)`` per step (``null_bias.install``).
+6. Trains through ``train_lm.main`` with the workarounds of ``levanter_pin_workarounds`` (last-step checkpoint,
    routing stats in the right W&B row, deletable temporary checkpoints, ``<id>.log``) and ``monitor.RunMonitor``
    (a progress line per step, realized-compute metrics).
-6. If the data loader ran out before ``num_train_steps``, prints ``error: the training data ran out after N of
+7. If the data loader ran out before ``num_train_steps``, prints ``error: the training data ran out after N of
    num_train_steps=M steps ...`` and exits 3 (no end-of-run checkpoint; the W&B run is marked failed).
 
 Exit codes: 0 trained (or already complete), 2 configuration error, 3 data ran out, 1 anything else (a traceback).
@@ -254,6 +256,7 @@ def run_training(config, *, cli: bool = False) -> int:
     from levanter.main import train_lm
 
     from experiments.speedrun import levanter_pin_workarounds as pin
+    from experiments.speedrun import null_bias
     from experiments.speedrun.local_data import ensure_local_data
     from experiments.speedrun.monitor import RunMonitor
     from null_moe.host_malloc import current_mode
@@ -287,6 +290,7 @@ def run_training(config, *, cli: bool = False) -> int:
         return EXIT_OK
 
     pin.with_final_checkpoint(config)
+    null_bias.install(config)  # null_control: bias -> the controller's exact update rule in the optimizer step
     vocab_size = len(config.data.the_tokenizer)
     monitors: list[RunMonitor] = []
 

@@ -22,6 +22,15 @@ EP_TRANSPORTS: tuple[str, ...] = get_args(EpTransport)
 BalanceScope = Literal["batch", "sequence"]
 BALANCE_SCOPES: tuple[str, ...] = get_args(BalanceScope)
 
+NullControl = Literal["loss", "bias"]
+NULL_CONTROLS: tuple[str, ...] = get_args(NullControl)
+
+BalancePool = Literal["all", "real"]
+BALANCE_POOLS: tuple[str, ...] = get_args(BalancePool)
+
+#: Default step size of the null-bias controller: b <- b + rate (p - realized null fraction), per training step.
+DEFAULT_NULL_BIAS_RATE = 2.0
+
 Activation = Literal["silu", "gelu", "relu"]
 #: The one activation table: config name -> function applied to the gate projection.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
@@ -78,6 +87,16 @@ class NullMoEConfig:
             null_moe.transport.resolve_transport).
         ep_dedup: expert parallelism only: send a token once per destination device, carrying the gate weights
             of all its slots there (True), or once per real slot (False).
+        null_control: what makes the realized null fraction meet p under learned routing. "loss": the
+            load-balancing loss alone (its N + M pool pulls the null share toward p). "bias": in addition, a
+            per-layer bias b added to the M null copies' scores for the top-k selection only (gate weights, the
+            aux losses' probs and the z-loss stay on the unbiased logits), moved after every training step by
+            b <- b + null_bias_rate (p - realized null fraction) (docs/DESIGN.md, "Null-fraction control").
+        null_bias_rate: step size of that update (> 0; only read under null_control="bias").
+        balance_pool: the load-balancing loss's pool under learned routing: "all" (the N real experts and the M
+            null copies, so the loss also pulls the null share toward p) or "real" (the N real experts among
+            themselves, their softmax over the real logits and their share of the real assignments; nothing in the
+            loss then steers the null share, so "real" needs null_control="bias").
     """
 
     hidden_dim: int
@@ -98,6 +117,9 @@ class NullMoEConfig:
     capacity_factor: Optional[float] = None
     ep_transport: EpTransport = "auto"
     ep_dedup: bool = True
+    null_control: NullControl = "loss"
+    null_bias_rate: float = DEFAULT_NULL_BIAS_RATE
+    balance_pool: BalancePool = "all"
 
     def __post_init__(self):
         for name in ("hidden_dim", "intermediate_dim", "n_routed_experts"):
@@ -146,6 +168,20 @@ class NullMoEConfig:
             raise ValueError(f"capacity_factor must be a finite number > 0 or None (dropless), got {cf!r}")
         if self.ep_transport not in EP_TRANSPORTS:
             raise ValueError(f"ep_transport must be one of {EP_TRANSPORTS}, got {self.ep_transport!r}")
+        if self.null_control not in NULL_CONTROLS:
+            raise ValueError(f"null_control must be one of {NULL_CONTROLS}, got {self.null_control!r}")
+        rate = self.null_bias_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"null_bias_rate must be a finite number > 0, got {rate!r}")
+        if self.null_control == "bias" and p == 0.0:
+            raise ValueError("null_control='bias' needs null_route_frac > 0 (at p = 0 there is no null slot to control)")
+        if self.balance_pool not in BALANCE_POOLS:
+            raise ValueError(f"balance_pool must be one of {BALANCE_POOLS}, got {self.balance_pool!r}")
+        if self.balance_pool == "real" and self.null_control != "bias":
+            raise ValueError(
+                "balance_pool='real' needs null_control='bias' (with the real experts alone in the loss's pool, "
+                "nothing would steer the null fraction)"
+            )
         for name in ("take_until_null", "renormalize_real", "fused_experts", "ep_dedup"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -143,19 +143,24 @@ class NullRoutedMoE(eqx.Module):
 
     Parameters: ``gate`` Embed -> Experts, ``null_gate`` Embed -> NullLogit (one logit shared by the M null
     copies), ``experts`` (w1, w2, w3). Input x: any axes plus "embed"; every other axis is a token axis.
+    Under ``null_control="bias"`` also ``null_bias``, the null-fraction controller's bias (a 0-d float32 array,
+    0 at init; None under "loss"): it moves the null copies' selection scores only, carries no gradient of the
+    layer's output, and is updated between steps by the rule of ``null_moe.routing.null_bias_update``.
     """
 
     config: NullMoEConfig = eqx.field(static=True)
     gate: hnn.Linear
     null_gate: hnn.Linear
     experts: ExpertMlp
+    null_bias: Optional[NamedArray] = None
 
     @staticmethod
     def init(config: NullMoEConfig, *, key) -> "NullRoutedMoE":
         k_gate, k_null, k_experts = jax.random.split(key, 3)
         gate = hnn.Linear.init(config.Embed, config.Experts, key=k_gate, use_bias=False)
         null_gate = hnn.Linear.init(config.Embed, config.NullLogit, key=k_null, use_bias=False)
-        return NullRoutedMoE(config, gate, null_gate, ExpertMlp.init(config, key=k_experts))
+        null_bias = hax.zeros((), dtype=jnp.float32) if config.null_control == "bias" else None
+        return NullRoutedMoE(config, gate, null_gate, ExpertMlp.init(config, key=k_experts), null_bias)
 
     @property
     def backend(self) -> str:
@@ -198,9 +203,18 @@ class NullRoutedMoE(eqx.Module):
             z = self.gate(x).rearrange(token_axes + (self.config.Experts,))
         return z.array.reshape(-1, self.config.n_routed_experts).astype(jnp.float32)
 
+    def _raw_null_bias(self) -> Optional[jax.Array]:
+        """The null-fraction controller's bias as a raw scalar (None under null_control="loss")."""
+        if self.config.null_control != "bias":
+            return None
+        if self.null_bias is None:
+            raise ValueError("null_control='bias' but the layer has no null_bias (build it with NullRoutedMoE.init)")
+        return self.null_bias.array if isinstance(self.null_bias, NamedArray) else jnp.asarray(self.null_bias)
+
     @named_call
     def route(self, x: NamedArray) -> R.Routing:
-        """Learned routing: top-k over N real logits and M copies of the learned null logit."""
+        """Learned routing: top-k over N real logits and M copies of the learned null logit (under
+        null_control="bias", the copies' selection scores shifted by the layer's null_bias)."""
         cfg = self.config
         z = self.router_logits(x)
         u = None
@@ -217,7 +231,12 @@ class NullRoutedMoE(eqx.Module):
         )
         if u is None:
             return _per_token(lambda z: route(z, None), self._token_axes(x), z)
-        return _per_token(route, self._token_axes(x), z, u)
+        bias = self._raw_null_bias()
+        if bias is None:
+            return _per_token(route, self._token_axes(x), z, u)
+        # one copy of the (replicated) bias per token, so that each device routes its own tokens as before
+        per_token_bias = jnp.broadcast_to(jax.lax.stop_gradient(bias).astype(jnp.float32), u.shape)
+        return _per_token(lambda z, u, b: route(z, u, null_bias=b), self._token_axes(x), z, u, per_token_bias)
 
     @named_call
     def route_forced(
@@ -352,7 +371,7 @@ class NullRoutedMoE(eqx.Module):
         cfg = self.config
         groups = self.balance_groups(x)
         with jax.named_scope("aux_losses"):
-            lbl = (R.load_balancing_loss(routing, cfg.n_routed_experts, cfg.lbl_coef, groups)
+            lbl = (R.load_balancing_loss(routing, cfg.n_routed_experts, cfg.lbl_coef, groups, cfg.balance_pool)
                    if cfg.lbl_coef is not None else jnp.zeros(()))
             rzl = R.router_z_loss(routing, cfg.rzl_coef) if cfg.rzl_coef is not None else jnp.zeros(())
             stats = R.routing_stats(routing.expert_ids, cfg.n_routed_experts)
@@ -365,9 +384,23 @@ class NullRoutedMoE(eqx.Module):
 
     @named_call
     def __call__(self, x: NamedArray, *, key=None):
-        """y, extras = layer(x): learned null routing. y has x's axes; extras per null_moe's API."""
+        """y, extras = layer(x): learned null routing. y has x's axes; extras per null_moe's API.
+
+        Under null_control="bias" the extras also hold ``null_bias`` (the bias this call selected with) and
+        ``null_bias_signal``: 0 in value, with gradient (realized null fraction - p) for ``null_bias``
+        (``null_moe.routing.null_bias_signal``); add it to the training loss so that the optimizer receives the
+        control error as the bias's gradient.
+        """
         del key  # no dropout in the MoE block
-        return self.apply(x, self.route(x))
+        y, extras = self.apply(x, self.route(x))
+        b = self._raw_null_bias()
+        if b is not None:
+            realized = extras["null_frac"].array
+            extras["null_bias"] = hax.named(jax.lax.stop_gradient(b).astype(jnp.float32), ())
+            extras["null_bias_signal"] = hax.named(
+                R.null_bias_signal(b, realized, self.config.null_route_frac), ()
+            )
+        return y, extras
 
 
 def _local_experts(x_tok, ids, wts, w1, w2, w3, *, act, backend, tile_rows, fused):

@@ -20,6 +20,7 @@ SCALAR_KEYS = (
     "load_balancing_loss",
     "router_z_loss",
     "dropped_frac",
+    "null_bias",  # only under null_control="bias": the null-fraction controller's bias this step selected with
 )
 
 

@@ -64,6 +64,7 @@ def learned_routing(
     num_null: int,
     take_until_null: bool,
     renormalize_real: bool,
+    null_bias: Optional[jax.Array] = None,
 ) -> Routing:
     """Top-k over the N real logits and M copies of the learned null logit (docs/DESIGN.md, learned routing).
 
@@ -74,18 +75,54 @@ def learned_routing(
     Args:
         real_logits: [T, N] z = gate(x).
         null_logit: [T] u = null_gate(x); ignored when num_null == 0.
+        null_bias: None (null_control="loss": exactly the routing above), or the null-fraction controller's bias
+            b, [] or [T], added to the M copies' scores for the top-k selection only: slots are the top-k of
+            softmax(z, u + b, ..., u + b), in that order, while their gate weights, ``probs`` and ``logits`` (what
+            the aux losses read) stay those of the unbiased (z, u, ..., u). It carries no gradient.
     """
     n_real = real_logits.shape[-1]
     logits = expand_logits(real_logits, null_logit, num_null) if num_null else real_logits
     probs = jax.nn.softmax(logits, axis=-1)
-    # top-k on probs, as stock Levanter does, so ties break identically at p = 0.
-    top_probs, top_ids = jax.lax.top_k(probs, k)
+    if null_bias is None or not num_null:
+        # top-k on probs, as stock Levanter does, so ties break identically at p = 0.
+        top_probs, top_ids = jax.lax.top_k(probs, k)
+    else:
+        bias = jnp.broadcast_to(jax.lax.stop_gradient(null_bias).astype(logits.dtype), real_logits.shape[:1])
+        offset = jnp.concatenate(
+            [jnp.zeros_like(real_logits), jnp.broadcast_to(bias[:, None], bias.shape + (num_null,))], axis=-1
+        )
+        # the same selection rule on the biased scores (softmax, then top-k): b = 0 selects exactly as above
+        _, top_ids = jax.lax.top_k(jax.nn.softmax(logits + offset, axis=-1), k)
+        top_probs = jnp.take_along_axis(probs, top_ids, axis=-1)
     is_null = top_ids >= n_real
     if take_until_null:
         is_null = _null_after_first_null(is_null)
     expert_ids = jnp.where(is_null, n_real, top_ids).astype(jnp.int32)
     weights = gate_weights(top_probs, is_null, renormalize_real)
     return Routing(expert_ids, weights, probs, logits)
+
+
+# --- the null-fraction controller (null_control="bias") --------------------------------------------------------
+def null_bias_update(null_bias: jax.Array, null_frac: jax.Array, target: float, rate: float) -> jax.Array:
+    """The controller's rule, applied once per training step: b <- b + rate (p - realized null fraction).
+
+    Up when the step routed fewer slots to null than p, down when more; the step is proportional to the error, so
+    the bias settles where the realized fraction meets p (an integral controller: a constant offset in the
+    router's own preference is cancelled, not just reduced).
+    """
+    return null_bias + rate * (target - null_frac)
+
+
+def null_bias_signal(null_bias: jax.Array, null_frac: jax.Array, target: float) -> jax.Array:
+    """A term worth exactly 0 whose gradient with respect to ``null_bias`` is the control error (realized - p).
+
+    Added to a training loss it hands the error to the optimizer as the bias's gradient g; an optimizer that
+    updates the bias by ``-rate * g`` (and nothing else) applies :func:`null_bias_update`. Gradients of the
+    mean loss over equal microbatches average the per-microbatch errors: the error of the whole batch.
+    """
+    error = jax.lax.stop_gradient(null_frac - target).astype(jnp.float32)
+    surrogate = null_bias.astype(jnp.float32) * error
+    return surrogate - jax.lax.stop_gradient(surrogate)
 
 
 def slot_null_prob(null_frac: float, k: int, mode: NullMode) -> float:
@@ -180,33 +217,46 @@ def real_assignment_counts(expert_ids: jax.Array, n_real: int) -> jax.Array:
     return jnp.sum(one_hot, axis=0, dtype=jnp.int32)
 
 
-def load_balancing_loss(routing: Routing, n_real: int, coef: float, groups: int = 1) -> jax.Array:
+def load_balancing_loss(routing: Routing, n_real: int, coef: float, groups: int = 1, pool: str = "all") -> jax.Array:
     """Levanter's formula over the N + M pool, null assignments split evenly over the M copies.
 
     loads_i = assignments_i / (T k), f_i = loads_i (N + M) / k, P_i = mean_t probs_i, loss = coef sum_i f_i P_i.
     With M = 0 (and for forced routing, whose pool is the N real experts) this is stock Levanter's loss.
     ``groups`` > 1 splits the T tokens into that many consecutive equal groups (e.g. sequences), takes the loss
     of each and returns their mean: loads are then measured per group, not over the whole batch.
+    ``pool="real"`` (for a routing whose pool has null copies) takes the same formula over the N real experts
+    only, as if the real assignments were all the slots: loads_i = assignments_i / R (R real assignments, at least
+    1), f_i = loads_i N / k, P_i = mean_t softmax(z_t)_i over the real logits. It balances the real experts among
+    themselves and gives the null logit no gradient; at M = 0 it is the formula above.
     """
     num_tokens, k = routing.expert_ids.shape
     if groups < 1 or num_tokens % groups:
         raise ValueError(f"groups must divide the {num_tokens} tokens, got {groups}")
-    pool = routing.probs.shape[-1]
-    num_null = pool - n_real
+    if pool not in ("all", "real"):
+        raise ValueError(f"pool must be 'all' or 'real', got {pool!r}")
+    size = routing.probs.shape[-1]
+    num_null = size - n_real
+    real_only = pool == "real" and num_null > 0
+    probs = jax.nn.softmax(routing.logits[:, :n_real], axis=-1) if real_only else routing.probs
+    size = probs.shape[-1]
 
     def one(expert_ids, probs):
         t = expert_ids.shape[0]
         counts = real_assignment_counts(expert_ids, n_real).astype(jnp.float32)
-        if num_null:
-            null_total = t * k - jnp.sum(counts)
-            counts = jnp.concatenate([counts, jnp.full((num_null,), null_total / num_null)])
-        loads = jax.lax.stop_gradient(counts / (t * k))
-        f = loads * pool / k
+        if real_only:
+            total = jnp.maximum(jnp.sum(counts), 1.0)
+        else:
+            total = t * k
+            if num_null:
+                null_total = t * k - jnp.sum(counts)
+                counts = jnp.concatenate([counts, jnp.full((num_null,), null_total / num_null)])
+        loads = jax.lax.stop_gradient(counts / total)
+        f = loads * size / k
         return jnp.sum(f * jnp.mean(probs.astype(jnp.float32), axis=0))
 
     if groups == 1:
-        return coef * one(routing.expert_ids, routing.probs)
-    per_group = jax.vmap(one)(routing.expert_ids.reshape(groups, -1, k), routing.probs.reshape(groups, -1, pool))
+        return coef * one(routing.expert_ids, probs)
+    per_group = jax.vmap(one)(routing.expert_ids.reshape(groups, -1, k), probs.reshape(groups, -1, size))
     return coef * jnp.mean(per_group)
 
 
