@@ -60,6 +60,23 @@ def _reference_grads(layer, x, cot, selection_bias=0.0):
     return value, y, lbl, rzl, g_layer, g_x, ref.reference_stats(cfg, expert_of_slot)
 
 
+
+def _assert_matches(layer, got, want):
+    """The layer's (loss, y, extras, grads, dx) against _reference_grads' figures: outputs, aux losses, routing
+    statistics, the loss, and the gradients of x and of every parameter (finite)."""
+    loss, y, extras, grads, gx = got
+    r_loss, r_y, r_lbl, r_rzl, r_grads, r_gx, r_stats = want
+    np.testing.assert_allclose(ref.flat_tokens(layer, y), r_y, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(extras["load_balancing_loss"].array, r_lbl, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(extras["router_z_loss"].array, r_rzl, rtol=1e-5, atol=1e-7)
+    for name, value in r_stats.items():
+        np.testing.assert_allclose(np.asarray(extras[name].array), value, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(loss, r_loss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ref.flat_tokens(layer, gx), r_gx, atol=1e-5, rtol=1e-4)
+    for name, a, b in zip(["gate", "null_gate", "w1", "w2", "w3"], ref.raw_params(grads), ref.raw_params(r_grads)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=name)
+        assert np.all(np.isfinite(a)), name
+
 CASES = [
     # (p, k, N, num_null, take_until_null, renormalize_real)
     (0.0, 1, 4, None, False, True),
@@ -92,18 +109,7 @@ def test_layer_matches_dense_reference(p, k, n, m, tun, renorm):
     loss, (y, extras), grads, gx = _layer_grads(layer, x, cot)
     r_loss, r_y, r_lbl, r_rzl, r_grads, r_gx, r_stats = _reference_grads(layer, x, cot)
 
-    np.testing.assert_allclose(ref.flat_tokens(layer, y), r_y, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(extras["load_balancing_loss"].array, r_lbl, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(extras["router_z_loss"].array, r_rzl, rtol=1e-5, atol=1e-7)
-    for name, value in r_stats.items():
-        np.testing.assert_allclose(np.asarray(extras[name].array), value, atol=1e-6, err_msg=name)
-    np.testing.assert_allclose(loss, r_loss, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ref.flat_tokens(layer, gx), r_gx, atol=1e-5, rtol=1e-4)
-    ours = ref.raw_params(grads)
-    theirs = ref.raw_params(r_grads)
-    for name, a, b in zip(["gate", "null_gate", "w1", "w2", "w3"], ours, theirs):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=name)
-        assert np.all(np.isfinite(a)), name
+    _assert_matches(layer, (loss, y, extras, grads, gx), (r_loss, r_y, r_lbl, r_rzl, r_grads, r_gx, r_stats))
     if p > 0:
         assert 0 < float(extras["null_frac"].array) <= 1
 
@@ -400,15 +406,7 @@ def test_null_bias_changes_the_selection_only(p, k, n, m, tun, renorm, bias):
     _, _, _, _, _, _, unbiased_stats = _reference_grads(layer, x, cot)
     assert r_stats["null_frac"] != unbiased_stats["null_frac"]  # the bias moved some slots here
 
-    np.testing.assert_allclose(ref.flat_tokens(layer, y), r_y, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(extras["load_balancing_loss"].array, r_lbl, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(extras["router_z_loss"].array, r_rzl, rtol=1e-5, atol=1e-7)
-    for name, value in r_stats.items():
-        np.testing.assert_allclose(np.asarray(extras[name].array), value, atol=1e-6, err_msg=name)
-    np.testing.assert_allclose(loss, r_loss, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ref.flat_tokens(layer, gx), r_gx, atol=1e-5, rtol=1e-4)
-    for name, a, b in zip(["gate", "null_gate", "w1", "w2", "w3"], ref.raw_params(grads), ref.raw_params(r_grads)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=name)
+    _assert_matches(layer, (loss, y, extras, grads, gx), (r_loss, r_y, r_lbl, r_rzl, r_grads, r_gx, r_stats))
     assert float(grads.null_bias.array) == 0.0
     assert float(extras["null_bias"].array) == np.float32(bias)
 
