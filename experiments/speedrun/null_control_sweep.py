@@ -24,7 +24,6 @@ step-by-step ``moe/null_frac`` and ``moe/experts_per_token`` (means over layers)
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import shutil
@@ -32,6 +31,8 @@ import subprocess
 import sys
 import time
 from typing import Optional, Sequence
+
+from experiments.speedrun.quality.results import load_results, write_rows_atomically
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -156,20 +157,11 @@ def summary_markdown(rows: list[dict]) -> str:
 
 
 def _load(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return load_results(path)
 
 
 def _write(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
-    os.replace(tmp, path)
+    write_rows_atomically(path, rows, FIELDS)
 
 
 def _run_id(config_path: str, control: str, p: float, lbl: float, tag: str) -> str:

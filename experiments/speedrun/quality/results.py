@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 __all__ = ["RESULT_COLUMNS", "fmt", "load_results", "write_rows_atomically"]
 
@@ -27,13 +27,15 @@ def load_results(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def write_rows_atomically(path: str, rows: list[dict]) -> None:
+def write_rows_atomically(path: str, rows: list[dict], columns: Sequence[str] = tuple(RESULT_COLUMNS)) -> None:
+    """Writes ``rows`` (only ``columns``; None as empty) to a temporary file, fsyncs it and renames it over
+    ``path``, so a reader sees the old file or the new one, never half of one."""
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         for row in rows:
-            w.writerow(row)
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
