@@ -117,6 +117,20 @@ def test_results_reject_unknown_columns(tmp_path):
     res.close()
 
 
+def test_inputs_null_law_is_the_layers():
+    """scripts/gpu/inputs.py keeps a numpy copy of the per-slot null law so the PyTorch process never imports JAX;
+    the copy must stay the layer's (null_moe.routing.slot_null_prob) for every mode and k, or the two frameworks
+    would be timed on different null fractions."""
+    from null_moe import routing
+    from scripts.gpu import inputs
+
+    for mode in ("independent", "take_until_null"):
+        for k in (1, 2, 4, 8):
+            for p in (0.0, 0.1, 0.5, 0.9, 0.99):
+                assert inputs.slot_null_prob(p, k, mode) == routing.slot_null_prob(p, k, mode), (mode, k, p)
+    assert inputs.slot_null_prob(1.0, 8, "independent") == 1.0  # the GPU check's every-slot-null point
+
+
 QUALITY_CHECK = ROOT / "scripts" / "gpu" / "quality_check.sh"
 
 
