@@ -134,16 +134,30 @@ def test_inputs_null_law_is_the_layers():
 QUALITY_CHECK = ROOT / "scripts" / "gpu" / "quality_check.sh"
 
 
+def test_gpu_study_config_runs_the_issue_arms_in_order():
+    """configs/quality/gpu_study.yaml: the arms k2, k4-p0.5 and the brackets k1, k4, in that order of importance,
+    arm by arm (every seed of an arm before the next), 2 seeds, 4 runs at a time."""
+    from experiments.speedrun.quality.config import parse_config
+
+    cfg = parse_config(["--config_path", "configs/quality/gpu_study.yaml"])
+    assert [(a.name, a.num_experts_per_tok, a.null_route_frac) for a in cfg.arms] == [
+        ("k2", 2, 0.0), ("k4-p0.5", 4, 0.5), ("k1", 1, 0.0), ("k4", 4, 0.0)]
+    assert cfg.seeds == [0, 1] and cfg.order == "arm" and cfg.parallel_runs == 4
+    assert list(cfg.brackets) == ["k1", "k4"]
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="bash script")
 def test_quality_check_tiny_end_to_end(tmp_path):
-    """scripts/gpu/quality_check.sh in its CPU mode: the GPU study's arms, seeds, order and parallel runs at tiny
-    shapes, 2 steps per run. OUT is flat and holds the six files; every run finished (a generous budget here: the
-    2-core test machine is shared)."""
+    """scripts/gpu/quality_check.sh in its CPU mode: the GPU study's arms and parallel runs at tiny shapes, 2 steps
+    per run, one seed (QUALITY_CHECK_ARGS, which the GPU command takes too; the config's seeds and order are
+    checked above). OUT is flat and holds the six files; every run finished (a generous budget here: the 2-core
+    test machine is shared)."""
     import tarfile
 
     env = dict(os.environ)
     env.update(PYTHON=sys.executable, QUALITY_CHECK_TINY="1", QUALITY_CHECK_BUDGET_S="1500",
-               QUALITY_CHECK_WORK=str(tmp_path / "work"), NULL_MOE_SITE=str(tmp_path / "site"), JAX_PLATFORMS="cpu")
+               QUALITY_CHECK_WORK=str(tmp_path / "work"), NULL_MOE_SITE=str(tmp_path / "site"), JAX_PLATFORMS="cpu",
+               QUALITY_CHECK_ARGS="--seeds [0]")
     for key in ("XLA_FLAGS", "WANDB_DIR", "WANDB_MODE"):
         env.pop(key, None)
     out = tmp_path / "out"
@@ -157,15 +171,15 @@ def test_quality_check_tiny_end_to_end(tmp_path):
     for step in ("=== environment", "=== versions", "=== tiny mode", "=== study (budget", "=== outputs",
                  "=== done: status 0"):
         assert step in log, step
-    assert "8 to run (2 steps each, 2 at a time)" in log and "study exit code: 0" in log
+    assert "4 to run (2 steps each, 2 at a time)" in log and "study exit code: 0" in log
     _, rows = _read_csv(out / "results.csv")
-    assert sorted((r["arm"], r["seed"]) for r in rows) == sorted(
-        (a, s) for a in ("k2", "k4-p0.5", "k1", "k4") for s in ("0", "1"))
+    assert sorted((r["arm"], r["seed"]) for r in rows) == sorted((a, "0") for a in ("k2", "k4-p0.5", "k1", "k4"))
     assert {r["train_tokens"] for r in rows} == {str(2 * 8 * 64)}
     summary = (out / "summary.md").read_text()
-    assert "# Quality study `gpu_study`" in summary and "8 of 8 runs done" in summary
+    assert "# Quality study `gpu_study`" in summary and "4 of 4 runs done" in summary
     assert "| k4-p0.5 | k2 |" in summary and "## Share of the bracket gap (k1 -> k4)" in summary
+    assert "no seed noise to compare it with (one seed)" in summary and "nan" not in summary
     assert "Cut" not in summary
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = tar.getnames()
-    assert sum(n.endswith("/train.log") for n in names) == 8 and sum(n.endswith("/metrics.json") for n in names) == 8
+    assert sum(n.endswith("/train.log") for n in names) == 4 and sum(n.endswith("/metrics.json") for n in names) == 4

@@ -13,7 +13,7 @@
 # Environment: PYTHON (default python3), QUALITY_CHECK_BUDGET_S (default 360: the whole script, wheels and corpus
 # included), QUALITY_CHECK_WORK, QUALITY_CHECK_ARGS (extra study arguments, e.g. "--num_train_steps 625"),
 # QUALITY_CHECK_TINY=1 (CPU smoke run: the same arms, seeds and order at tiny shapes, 2 steps each, on a small
-# corpus; about 3 minutes on 2 idle cores), NULL_MOE_SITE (where carried wheels go; scripts/gpu/env.sh).
+# corpus; about 2 minutes on 2 idle cores), NULL_MOE_SITE (where carried wheels go; scripts/gpu/env.sh).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"

@@ -81,9 +81,11 @@ def summary_markdown(cfg: QualityConfig, s: dict, cut: Optional[list[dict]] = No
         gm, gsd, gn = b["gap"]
         lines += ["", f"## Share of the bracket gap ({b['low']} -> {b['high']})", "",
                   f"Bracket gap (eval loss of {b['low']} - {b['high']}, paired by seed): {_signed_pm(gm, gsd)} "
-                  f"over {gn} seeds; the largest per-arm seed std is {b['max_seed_std']:.4f}"
-                  + (f", so the gap is {gm / b['max_seed_std']:.1f}x the seed noise."
-                     if b['max_seed_std'] and not math.isnan(b['max_seed_std']) and not math.isnan(gm) else "."),
+                  f"over {gn} seed{'s' if gn != 1 else ''}; "
+                  + ("no seed noise to compare it with (one seed)." if math.isnan(b["max_seed_std"])
+                     else f"the largest per-arm seed std is {b['max_seed_std']:.4f}"
+                     + (f", so the gap is {gm / b['max_seed_std']:.1f}x the seed noise."
+                        if b["max_seed_std"] and not math.isnan(gm) else ".")),
                   "", "Share = (loss(k_low) - loss(arm)) / (loss(k_low) - loss(k_high)): 0 = no better than k_low, "
                   "1 = as good as k_high.", "",
                   "| arm | expected real experts/token | share (of means) | share (paired, per seed) |",
