@@ -7,6 +7,7 @@ training run, simulated by the training CLI itself).
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import json
 import os
@@ -120,8 +121,11 @@ def test_ep_training_matches_the_non_ep_run(tmp_path):
     (one line says so), as the README's command relies on; the reference run gets its 8 from XLA_FLAGS."""
     steps = 14
     warmup = ("--optimizer.warmup", "10")  # 10 warmup steps then cosine, as when this comparison was calibrated
-    ep = _train(tmp_path, EP_CONFIG, "tiny-ep", steps, *warmup, simulate=True)
-    ref = _train(tmp_path, "configs/speedrun/tiny_cpu.yaml", "tiny-dp", steps, *warmup)
+    # The two runs are independent processes (own run ids, W&B files and checkpoints): run them side by side.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        ep_f = pool.submit(_train, tmp_path, EP_CONFIG, "tiny-ep", steps, *warmup, simulate=True)
+        ref_f = pool.submit(_train, tmp_path, "configs/speedrun/tiny_cpu.yaml", "tiny-dp", steps, *warmup)
+        ep, ref = ep_f.result(), ref_f.result()
     assert ep["stdout"].splitlines()[0] == (
         "cpu_devices=8: the trainer mesh (replica_ici_axis_size=4 x model_axis_size=1) needs more than one device; "
         "re-executing on a CPU-only JAX with XLA_FLAGS=--xla_force_host_platform_device_count=8")
