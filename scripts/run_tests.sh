@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: creates .venv on first use, then runs the whole suite on CPU (CI, .ci/run, runs this).
 #
-#   bash scripts/run_tests.sh                 # everything: about 15 min on 2 cores
+#   bash scripts/run_tests.sh                 # everything: about 17 min on 2 cores
 #   bash scripts/run_tests.sh --fast          # the fast tier: tests marked `fast` (pyproject.toml's markers):
 #                                             # the layer against its reference (outputs and gradients), routing,
 #                                             # dispatch, the tiled and Triton-interpret grouped matmuls, config
