@@ -95,3 +95,66 @@ def test_source_corpus_is_large_enough_for_every_config(tmp_path):
         needed = cfg["trainer"]["num_train_steps"] * cfg["trainer"]["train_batch_size"] * cfg["model"]["seq_len"]
         available = train_tokens * max(1, cfg.get("epoch", 0))
         assert available > 1.2 * needed, (os.path.basename(path), available, needed)
+
+
+def test_runs_started_together_build_the_corpus_and_each_cache_once(small, tmp_path, monkeypatch):
+    """Two training runs starting at once on a fresh checkout (a study's parallel runs; two CLIs) both call
+    ensure_local_data: each thing is built once, under a lock, and the second run waits for it and reads it whole.
+    The builders are slowed down so that, without the lock, both threads would be inside them at once."""
+    import shutil
+    import threading
+    import time
+
+    from transformers import AutoTokenizer
+
+    src, _ = small
+    fresh = tmp_path / "stdlib_src"
+    calls = {"corpus": 0, "cache": 0}
+    real_prebuild = local_data.prebuild_cache
+
+    def slow_build_corpus(out_dir, kind):
+        calls["corpus"] += 1
+        time.sleep(0.5)
+        os.makedirs(out_dir, exist_ok=True)
+        for name in ("train.jsonl", "validation.jsonl"):
+            shutil.copy(os.path.join(src, name), os.path.join(out_dir, name))
+        shutil.copytree(os.path.join(src, "tokenizer"), os.path.join(out_dir, "tokenizer"))
+
+    def slow_prebuild(cache_dir, urls, tokenizer, enforce_eos=True):
+        calls["cache"] += 1
+        time.sleep(0.5)
+        return real_prebuild(cache_dir, urls, tokenizer, enforce_eos=enforce_eos)
+
+    monkeypatch.setattr(local_data, "build_corpus", slow_build_corpus)
+    monkeypatch.setattr(local_data, "prebuild_cache", slow_prebuild)
+
+    class DataConfig:  # the fields of Levanter's data config that ensure_local_data reads
+        tokenizer = str(fresh / "tokenizer")
+        train_urls = [str(fresh / "train.jsonl")]
+        validation_urls = [str(fresh / "validation.jsonl")]
+        cache_dir = str(fresh / "cache")
+        enforce_eos = True
+
+        @property
+        def the_tokenizer(self):
+            return AutoTokenizer.from_pretrained(self.tokenizer)
+
+    start = threading.Barrier(2)
+    errors = []
+
+    def run():
+        try:
+            start.wait()
+            local_data.ensure_local_data(DataConfig())
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert calls == {"corpus": 1, "cache": 2}  # the corpus once, each split's cache once
+    for split in ("train", "validation"):
+        assert local_data._cache_is_complete(str(fresh / "cache" / split))

@@ -29,12 +29,16 @@ does the same from the command line.
 yet and names ``<dir>/tokenizer``, it builds the corpus in ``<dir>`` (kind ``stdlib_docs`` when ``<dir>`` is named
 so, else ``stdlib_src``); then it pre-builds any missing Levanter cache for the config's local ``train_urls`` /
 ``validation_urls`` with Levanter's ``SerialCacheWriter`` (Levanter's own builder would start a local Ray cluster
-just to tokenize a few MB).
+just to tokenize a few MB). Each build holds an exclusive lock (``<corpus dir>.lock``, ``<cache dir>.lock``, beside
+what it builds) and looks again once it has it, so runs started together (a study's parallel runs, two CLIs on a
+fresh checkout) build each thing once and never read a half-built one.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -340,16 +344,33 @@ def _cache_is_complete(cache_dir: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """Holds an exclusive advisory lock on ``<path>.lock`` (created beside ``path``) for the body: another process
+    or thread building the same thing waits, then finds it built."""
+    path = os.path.normpath(os.path.abspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def ensure_local_data(data_config) -> None:
     """Makes a Levanter data config that points at local files usable offline (see module docstring)."""
     tok_path = getattr(data_config, "tokenizer", None)
     if isinstance(tok_path, str) and _is_local(tok_path) and not os.path.exists(tok_path):
         if os.path.basename(os.path.normpath(tok_path)) == "tokenizer":
             corpus_dir = os.path.dirname(os.path.normpath(tok_path)) or "."
-            kind = corpus_kind_for_dir(corpus_dir)
-            logger.info("local tokenizer %s missing: building the %s corpus in %s", tok_path, kind, corpus_dir)
-            print(f"building the local {kind} corpus and tokenizer in {corpus_dir} (first use)", flush=True)
-            build_corpus(corpus_dir, kind=kind)
+            with _exclusive(corpus_dir):
+                if not os.path.exists(tok_path):  # a run started together with this one may have built it
+                    kind = corpus_kind_for_dir(corpus_dir)
+                    logger.info("local tokenizer %s missing: building the %s corpus in %s", tok_path, kind,
+                                corpus_dir)
+                    print(f"building the local {kind} corpus and tokenizer in {corpus_dir} (first use)", flush=True)
+                    build_corpus(corpus_dir, kind=kind)
     cache_root = getattr(data_config, "cache_dir", None)
     if cache_root is None or not _is_local(cache_root):
         return
@@ -364,11 +385,14 @@ def ensure_local_data(data_config) -> None:
         missing = [u for u in urls if not os.path.exists(u.replace("file://", ""))]
         if missing:
             raise FileNotFoundError(f"data.{split}_urls not found: {missing}")
-        tokenizer = data_config.the_tokenizer
-        if os.path.exists(cache_dir):
-            shutil.rmtree(cache_dir)
-        rows = prebuild_cache(cache_dir, urls, tokenizer, enforce_eos=getattr(data_config, "enforce_eos", True))
-        logger.info("pre-built Levanter cache %s (%d documents)", cache_dir, rows)
+        with _exclusive(cache_dir):
+            if _cache_is_complete(cache_dir):  # built by a run started together with this one
+                continue
+            tokenizer = data_config.the_tokenizer
+            if os.path.exists(cache_dir):
+                shutil.rmtree(cache_dir)
+            rows = prebuild_cache(cache_dir, urls, tokenizer, enforce_eos=getattr(data_config, "enforce_eos", True))
+            logger.info("pre-built Levanter cache %s (%d documents)", cache_dir, rows)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
