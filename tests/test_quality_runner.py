@@ -36,11 +36,15 @@ def _study(tmp_path, **fields) -> QualityConfig:
 @pytest.fixture
 def stub(tmp_path, monkeypatch):
     """The training command is ``sleep <seconds of its arm>``; it appends '<run id> <start time> <memory share>'
-    to a file. Reading a run back and its data fingerprint are stand-ins too."""
+    to a file. Reading a run back and its data fingerprint are stand-ins too. The start order is the order in which
+    the scheduler asked for the commands (it starts each right after): two runs started in the same poll race to
+    append to the file, so the file's line order is not the scheduler's."""
     starts = tmp_path / "starts.txt"
     seconds = {"k2": 2.0, "k4-p0.5": 2.0}
+    order = []
 
     def command(cfg, arm, seed, out_dir):
+        order.append(cfg.run_id(arm, seed))
         return ["bash", "-c", f'echo {cfg.run_id(arm, seed)} $(date +%s.%N) "${{XLA_PYTHON_CLIENT_MEM_FRACTION:-}}" '
                               f'>> {starts}; sleep {seconds[arm.name]}']
 
@@ -64,7 +68,9 @@ def stub(tmp_path, monkeypatch):
 
     def started():
         lines = starts.read_text().split("\n") if starts.exists() else []
-        return [line.split(" ") for line in lines if line.strip()]
+        by_id = {fields[0]: fields for fields in (line.split(" ") for line in lines if line.strip())}
+        assert set(by_id) == set(order), (by_id, order)  # every command asked for ran, and nothing else
+        return [by_id[run_id] for run_id in order]
 
     return SimpleNamespace(seconds=seconds, started=started)
 
