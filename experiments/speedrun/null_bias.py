@@ -57,9 +57,6 @@ def wrap_optimizer(inner: optax.GradientTransformation, rate: float) -> optax.Gr
     """
     rate = float(rate)
 
-    def init(params):
-        return inner.init(params)
-
     def update(updates, state, params=None, **extra_args):
         mask = null_bias_mask(updates)
         others = jax.tree_util.tree_map(lambda g, m: jnp.zeros_like(g) if m else g, updates, mask)
@@ -72,7 +69,7 @@ def wrap_optimizer(inner: optax.GradientTransformation, rate: float) -> optax.Gr
         )
         return new_updates, state
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 def install(config) -> bool:

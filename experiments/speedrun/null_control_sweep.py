@@ -128,14 +128,6 @@ def read_run(run_dir: str, *, window: int, tolerance: float) -> dict:
     return row
 
 
-def _fmt(value) -> str:
-    if value is None or value == "":
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
 def summary_markdown(rows: list[dict]) -> str:
     head = ("| run | control | p | lbl | k | steps | target experts/tok | realized (2nd half) | error | settled at "
             "(quarter) | max dev of 10-step mean after quarter | per-step std | dropped after 20 | final bias | "
@@ -151,17 +143,9 @@ def summary_markdown(rows: list[dict]) -> str:
             f"{float(r['realized_second_half']):.3f} | {err:+.1f}% | {settle} ({r['quarter']}) | "
             f"{float(r['max_dev_after_quarter']):.3f} | {float(r['step_std_after_quarter']):.3f} | "
             f"{'' if dropped in (None, '') else f'{float(dropped) * 100:.2f}%'} | {r['null_bias_final_layers']} | "
-            f"{_fmt(float(r['eval_loss'])) if r['eval_loss'] not in (None, '') else ''} |"
+            f"{'' if r['eval_loss'] in (None, '') else format(float(r['eval_loss']), '.4f')} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _load(path: str) -> list[dict]:
-    return load_results(path)
-
-
-def _write(path: str, rows: list[dict]) -> None:
-    write_rows_atomically(path, rows, FIELDS)
 
 
 def _run_id(config_path: str, control: str, p: float, lbl: float, tag: str) -> str:
@@ -194,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     os.makedirs(args.out_dir, exist_ok=True)
     results = os.path.join(args.out_dir, "results.csv")
-    rows = _load(results)
+    rows = load_results(results)
     done = {r["run_id"] for r in rows}
     for control in args.null_control:
         for lbl in args.lbl_coef:
@@ -228,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 row = read_run(run_dir, window=args.window, tolerance=args.tolerance)
                 row.update(run_id=run_id, config=args.config_path, wall_s=round(time.time() - t0, 1))
                 rows.append(row)
-                _write(results, rows)
+                write_rows_atomically(results, rows, FIELDS)
                 if not args.keep_checkpoints:
                     shutil.rmtree(os.path.join(ckpt, run_id), ignore_errors=True)
                 print(f"{run_id}: realized {row['realized_second_half']:.4f} real experts/token (target "
