@@ -117,6 +117,29 @@ def test_results_reject_unknown_columns(tmp_path):
     res.close()
 
 
+def test_torch_peers_that_cannot_run_fail_the_gpu_run_not_the_tiny_one(tmp_path, monkeypatch):
+    """Without torch (or CUDA) the PyTorch peers cannot run: the tiny CPU run records the skip and exits 0, the GPU
+    run records it and exits 1, so device_check reports the section FAILED instead of 'ok'."""
+    import builtins
+
+    from scripts.gpu import torch_peers
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    for tiny, want in ((True, 0), (False, 1)):
+        out = tmp_path / ("tiny" if tiny else "gpu")
+        assert torch_peers.main(["--out", str(out), *(["--tiny"] if tiny else [])]) == want
+        rows = R.read(out)
+        assert [r["note"].startswith("skipped: torch not importable") for r in rows if r["section"] == "torch_layer"] \
+            == [True]
+
+
 def test_inputs_null_law_is_the_layers():
     """scripts/gpu/inputs.py keeps a numpy copy of the per-slot null law so the PyTorch process never imports JAX;
     the copy must stay the layer's (null_moe.routing.slot_null_prob) for every mode and k, or the two frameworks
